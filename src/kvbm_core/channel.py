@@ -1,0 +1,102 @@
+"""The in-process rendezvous between the leader and the workers that share its process.
+
+TRT-LLM builds the scheduler-side connector on rank 0 only, in the same process as rank 0's
+worker, and hands both the same ``llm_args`` object. That object keys a :class:`LocalChannel`:
+
+- worker -> leader: the pool layout (``register_kv_caches``), operation results, blocks a disk tier
+  found at start (restart safety);
+- leader -> worker: the :class:`WorkerConfig` (resolved settings and tier sizes).
+
+Workers of other ranks (other processes) have no leader here: they take the :class:`WorkerConfig`
+from the first step's metadata and report nothing; the leader follows rank 0's results, and each
+worker orders operations on a slot locally, so a lagging rank never sees a slot reused under it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from kvbm_core.interfaces import TierLevel
+from kvbm_core.layout import BlockLayout
+from kvbm_core.ops import OpResult
+from kvbm_core.settings.model import KvbmSettings
+
+
+@dataclass(frozen=True)
+class TierAllocation:
+    """One tier as the leader sized it: which plugin, at which level, how many slots per rank."""
+
+    kind: str
+    level: TierLevel
+    num_slots: int
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker needs from the leader to allocate identical tiers."""
+
+    settings: KvbmSettings
+    tiers: tuple[TierAllocation, ...]
+    namespace: bytes
+    world_size: int
+
+    def tier_at(self, level: TierLevel) -> TierAllocation | None:
+        return next((t for t in self.tiers if t.level == level), None)
+
+
+class LeaderEndpoint(Protocol):
+    """What the leader offers to the workers of its process."""
+
+    def on_worker_layout(self, rank: int, layout: BlockLayout, num_device_blocks: int) -> WorkerConfig: ...
+
+    def on_results(self, results: list[OpResult]) -> None: ...
+
+    def on_recovered(self, kind: str, slots: np.ndarray, keys: np.ndarray) -> None: ...
+
+
+class LocalChannel:
+    """One engine instance's in-process link. Results are queued; the leader drains them."""
+
+    def __init__(self) -> None:
+        self.leader: LeaderEndpoint | None = None
+        self._lock = threading.Lock()
+        self._results: list[OpResult] = []
+
+    def report(self, results: list[OpResult]) -> None:
+        """Called by rank 0's worker from any thread."""
+        if results:
+            with self._lock:
+                self._results.extend(results)
+
+    def drain(self) -> list[OpResult]:
+        """Called by the leader on its scheduling thread."""
+        with self._lock:
+            out, self._results = self._results, []
+        return out
+
+
+_channels: dict[int, tuple[Any, LocalChannel]] = {}
+_channels_lock = threading.Lock()
+
+
+def channel_for(llm_args: Any) -> LocalChannel:
+    """The channel of the engine instance that ``llm_args`` belongs to (keyed by object identity).
+
+    The ``llm_args`` object is kept alive alongside its channel so that its id is never reused.
+    """
+    with _channels_lock:
+        entry = _channels.get(id(llm_args))
+        if entry is None or entry[0] is not llm_args:
+            entry = _channels[id(llm_args)] = (llm_args, LocalChannel())
+        return entry[1]
+
+
+def release_channel(llm_args: Any) -> None:
+    with _channels_lock:
+        entry = _channels.get(id(llm_args))
+        if entry is not None and entry[0] is llm_args:
+            del _channels[id(llm_args)]

@@ -1,0 +1,138 @@
+"""The leader -> worker contract: one step's transfer operations, and the workers' results.
+
+TRT-LLM pickles the connector metadata and broadcasts it to every rank each step, so a step is a
+handful of flat numpy arrays rather than a list of objects. An operation moves a run of blocks along
+one :class:`Route`; its blocks are ``src[offsets[i]:offsets[i+1]]`` -> ``dst[...]``, where device
+sides are device block ids and tier sides are slot indices. ``keys`` carries each block's 128-bit
+identity so that disk slots can be stamped on write and verified on read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+
+
+class Route(IntEnum):
+    """Where an operation moves bytes. ``LOADS`` run before the forward pass, ``STORES`` after it."""
+
+    D2H = 0  # offload: device block -> host slot (write-through)
+    H2D = 1  # onboard: host slot -> device block
+    H2DISK = 2  # host slot -> disk slot, in the background, behind the admission filter
+    DISK2D = 3  # onboard: disk slot -> device block (host bounce buffers, or GDS)
+    D2DISK = 4  # offload: device block -> disk slot (disk-only profile)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+LOADS = frozenset({Route.H2D, Route.DISK2D})
+STORES = frozenset({Route.D2H, Route.D2DISK})
+BACKGROUND = frozenset({Route.H2DISK})
+NO_REQUEST = -1
+
+
+@dataclass(frozen=True)
+class Op:
+    """A view of one operation of a :class:`StepOps`."""
+
+    op_id: int
+    route: Route
+    request_id: int
+    src: np.ndarray
+    dst: np.ndarray
+    keys: np.ndarray
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.src.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class StepOps:
+    """All operations the leader planned in one step, as flat arrays (see the module docstring).
+
+    ``worker_config`` rides along in the first step only: ranks in other processes learn the
+    leader's resolved settings and tier sizes from it (TRT-LLM does not forward ``DYN_KVBM_*``
+    variables to its MPI workers).
+    """
+
+    step: int
+    op_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    routes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    request_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    src: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dst: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    keys: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))
+    worker_config: Any = None
+
+    def __len__(self) -> int:
+        return int(self.op_ids.shape[0])
+
+    def __iter__(self) -> Iterator[Op]:
+        for i in range(len(self)):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            yield Op(
+                int(self.op_ids[i]),
+                Route(int(self.routes[i])),
+                int(self.request_ids[i]),
+                self.src[a:b],
+                self.dst[a:b],
+                self.keys[a:b],
+            )
+
+    def select(self, routes: frozenset[Route]) -> list[Op]:
+        return [op for op in self if op.route in routes]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepOps):
+            return NotImplemented
+        arrays = ("op_ids", "routes", "request_ids", "offsets", "src", "dst", "keys")
+        return (
+            self.step == other.step
+            and all(np.array_equal(getattr(self, a), getattr(other, a)) for a in arrays)
+            and self.worker_config == other.worker_config
+        )
+
+    @classmethod
+    def build(cls, step: int, ops: Sequence[tuple[int, Route, int, np.ndarray, np.ndarray, np.ndarray]],
+              worker_config: Any = None) -> "StepOps":
+        """Pack ``(op_id, route, request_id, src, dst, keys)`` tuples into flat arrays."""
+        if not ops:
+            return cls(step, worker_config=worker_config)
+        sizes = np.array([len(o[3]) for o in ops], np.int64)
+        offsets = np.zeros(len(ops) + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        return cls(
+            step=step,
+            op_ids=np.array([o[0] for o in ops], np.int64),
+            routes=np.array([int(o[1]) for o in ops], np.int8),
+            request_ids=np.array([o[2] for o in ops], np.int64),
+            offsets=offsets,
+            src=np.concatenate([np.asarray(o[3], np.int64) for o in ops]),
+            dst=np.concatenate([np.asarray(o[4], np.int64) for o in ops]),
+            keys=np.concatenate([np.asarray(o[5], np.uint64).reshape(-1, 2) for o in ops]),
+            worker_config=worker_config,
+        )
+
+
+@dataclass(frozen=True)
+class OpResult:
+    """What a worker reports for one finished operation. ``ok=False`` is never counted as done.
+
+    ``failed_blocks`` lists the positions (within the op) of blocks that failed verification, so
+    the leader can drop exactly those slots from its registry.
+    """
+
+    op_id: int
+    ok: bool
+    num_bytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    failed_blocks: tuple[int, ...] = ()

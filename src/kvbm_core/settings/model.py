@@ -1,0 +1,98 @@
+"""The resolved settings of one engine instance: the pipeline a profile describes.
+
+Plain pydantic models, ``extra="forbid"`` everywhere so a misspelt YAML key is an error naming the
+key rather than a silently ignored line. Values come from :mod:`kvbm_core.settings.resolve`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TierSpec(_Strict):
+    """One storage tier: which plugin (``kind``) and how big.
+
+    ``num_blocks`` (the ``*_OVERRIDE_NUM_BLOCKS`` variables) wins over ``capacity_gb``. GB are
+    decimal (1e9 bytes) per engine instance, summed across TP ranks, as in the seed guide.
+    """
+
+    kind: str
+    capacity_gb: float | None = Field(default=None, ge=0)
+    num_blocks: int | None = Field(default=None, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _sized(self) -> "TierSpec":
+        if self.capacity_gb is None and self.num_blocks is None:
+            raise ValueError(f"tier {self.kind!r} needs capacity_gb or num_blocks")
+        return self
+
+
+class FilterSpec(_Strict):
+    """An offload admission filter: plugin ``name`` plus its options, or disabled."""
+
+    enabled: bool = True
+    name: str = "frequency"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DiskSettings(_Strict):
+    """Where and how disk tiers create their files."""
+
+    directory: str = "/tmp"
+    zerofill_fallback: bool = False
+    disable_o_direct: bool = False
+
+
+class MetricsSettings(_Strict):
+    enabled: bool = False
+    port: int = Field(default=6880, ge=1, le=65535)
+
+
+class CostModelSettings(_Strict):
+    """Figures for cost-aware matching: a tier whose load is slower than recompute is not used.
+
+    ``prefill_tokens_per_s`` is the engine's recompute speed; ``bandwidth_gbps`` maps a tier kind to
+    its onboard bandwidth per rank (defaults come from the tier plugin, then from observed transfers).
+    """
+
+    enabled: bool = True
+    prefill_tokens_per_s: float = Field(default=30_000.0, gt=0)
+    bandwidth_gbps: dict[str, float] = Field(default_factory=dict)
+    fixed_overhead_s: float = Field(default=0.0005, ge=0)
+
+
+class CacheStatsSettings(_Strict):
+    max_requests: int = Field(default=1000, ge=1)
+
+
+class LoggingSettings(_Strict):
+    format: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class KvbmSettings(_Strict):
+    """Everything one engine instance needs; the leader resolves it once and hands it to workers."""
+
+    tiers: list[TierSpec] = Field(default_factory=list)
+    eviction: str = "lru"
+    eviction_options: dict[str, Any] = Field(default_factory=dict)
+    disk_offload_filter: FilterSpec = Field(default_factory=FilterSpec)
+    host_offload_prefix_min_priority: int = Field(default=0, ge=0, le=100)
+    leader_worker_init_timeout_secs: float = Field(default=1800.0, gt=0)
+    disk: DiskSettings = Field(default_factory=DiskSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    cost_model: CostModelSettings = Field(default_factory=CostModelSettings)
+    cache_stats: CacheStatsSettings = Field(default_factory=CacheStatsSettings)
+    transports: list[str] = Field(default_factory=lambda: ["inproc"])
+    transport_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    def tier(self, kind: str) -> TierSpec | None:
+        return next((t for t in self.tiers if t.kind == kind), None)

@@ -1,0 +1,223 @@
+"""Layering: defaults < YAML profile < ``DYN_KVBM_*`` environment, with where each value came from.
+
+The flat seed variables map onto the pipeline as the seed guide describes:
+
+- ``DYN_KVBM_CPU_CACHE_GB`` (or its block override) sizes the host-level tier, adding a ``cpu``
+  tier when the profile has none; 0 with no override removes it.
+- ``DYN_KVBM_DISK_CACHE_GB`` (or its block override) sizes the disk-level tier, adding ``disk``.
+- Host only: device -> host. Host + disk: device -> host, host -> disk behind the frequency filter.
+  Disk only: device -> disk directly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from kvbm_core.errors import ConfigError
+from kvbm_core.interfaces import TierLevel
+from kvbm_core.registry import Registry, default_registry
+from kvbm_core.settings.environment import SeedEnvironment
+from kvbm_core.settings.model import KvbmSettings
+from kvbm_core.settings.profiles import PROFILE_VARIABLE, load_profile
+
+DEFAULT = "default"
+_DEFAULT_KIND = {TierLevel.HOST: "cpu", TierLevel.DISK: "disk"}
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """The validated settings, the profile they started from, and each value's source.
+
+    ``sources`` maps a display key (``tiers.cpu.capacity_gb``, ``disk.directory``) to
+    ``default``, ``profile:<name>`` or ``env:<VARIABLE>``.
+    """
+
+    settings: KvbmSettings
+    profile: str | None
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def source_of(self, key: str) -> str:
+        return self.sources.get(key, DEFAULT)
+
+
+def resolve_settings(
+    environ: Mapping[str, str] | None = None,
+    profile: str | None = None,
+    registry: Registry | None = None,
+) -> ResolvedSettings:
+    """Resolve settings once. ``profile`` (a name or path) takes the place of ``DYN_KVBM_PROFILE``."""
+    registry = registry or default_registry()
+    env = SeedEnvironment.load(environ)
+    sources: dict[str, str] = {}
+    data: dict[str, Any] = {}
+    label: str | None = None
+
+    chosen = profile if profile is not None else env.profile
+    if chosen:
+        source_key = "--profile" if profile is not None else PROFILE_VARIABLE
+        label, data = load_profile(chosen, source_key)
+        data = copy.deepcopy(data)
+        _record(sources, _display_keys(data), f"profile:{label}")
+
+    _check_tier_kinds(data, registry, label)
+    _apply_environment(data, env, registry, sources)
+    settings = _validate(data, label, sources)
+    _check_pipeline(settings, registry, label, sources)
+    return ResolvedSettings(settings, label, sources)
+
+
+# ----------------------------------------------------------------------------------- overlay
+def _apply_environment(data: dict[str, Any], env: SeedEnvironment, registry: Registry, sources: dict[str, str]) -> None:
+    tiers: list[dict[str, Any]] = data.setdefault("tiers", [])
+    for level, gb_var, blocks_var in (
+        (TierLevel.HOST, "cpu_cache_gb", "cpu_cache_override_num_blocks"),
+        (TierLevel.DISK, "disk_cache_gb", "disk_cache_override_num_blocks"),
+    ):
+        gb, blocks = getattr(env, gb_var), getattr(env, blocks_var)
+        if gb is None and blocks is None:
+            continue
+        tier = next((t for t in tiers if _level(t.get("kind"), registry) == level), None)
+        if tier is None:
+            if not (gb or blocks):
+                continue  # "0" for a tier the profile does not have: nothing to remove
+            tier = {"kind": _DEFAULT_KIND[level]}
+            tiers.insert(0 if level == TierLevel.HOST else len(tiers), tier)
+            sources[f"tiers.{tier['kind']}.kind"] = _env(gb_var if gb is not None else blocks_var)
+        kind = tier["kind"]
+        if gb is not None:
+            tier["capacity_gb"] = gb
+            sources[f"tiers.{kind}.capacity_gb"] = _env(gb_var)
+        if blocks is not None:
+            tier["num_blocks"] = blocks
+            sources[f"tiers.{kind}.num_blocks"] = _env(blocks_var)
+        if not tier.get("num_blocks") and not tier.get("capacity_gb"):
+            tiers.remove(tier)  # 0 GB and no block override: the tier is switched off
+
+    scalar_overlays = {
+        "disk_cache_dir": ("disk", "directory"),
+        "disk_zerofill_fallback": ("disk", "zerofill_fallback"),
+        "disk_disable_o_direct": ("disk", "disable_o_direct"),
+        "leader_worker_init_timeout_secs": (None, "leader_worker_init_timeout_secs"),
+        "metrics": ("metrics", "enabled"),
+        "metrics_port": ("metrics", "port"),
+        "host_offload_prefix_min_priority": (None, "host_offload_prefix_min_priority"),
+        "cache_stats_max_requests": ("cache_stats", "max_requests"),
+        "log_format": ("logging", "format"),
+        "log_level": ("logging", "level"),
+    }
+    for var, (section, key) in scalar_overlays.items():
+        value = getattr(env, var)
+        if value is None:
+            continue
+        target = data.setdefault(section, {}) if section else data
+        target[key] = value
+        sources[f"{section}.{key}" if section else key] = _env(var)
+    if env.disable_disk_offload_filter is not None:
+        data.setdefault("disk_offload_filter", {})["enabled"] = not env.disable_disk_offload_filter
+        sources["disk_offload_filter.enabled"] = _env("disable_disk_offload_filter")
+
+
+def _env(field_name: str) -> str:
+    return f"env:DYN_KVBM_{field_name.upper()}"
+
+
+def _level(kind: Any, registry: Registry) -> TierLevel | None:
+    entry = registry.types("tier").get(kind) if isinstance(kind, str) else None
+    return entry.cls.level if entry else None
+
+
+# -------------------------------------------------------------------------------- validation
+def _where(label: str | None) -> str:
+    return f"profile {label}: " if label else ""
+
+
+def _check_tier_kinds(data: dict[str, Any], registry: Registry, label: str | None) -> None:
+    tiers = data.get("tiers", [])
+    if not isinstance(tiers, list):
+        raise ConfigError(f"{_where(label)}tiers", "must be a list of tiers")
+    known = registry.types("tier")
+    for i, tier in enumerate(tiers):
+        kind = tier.get("kind") if isinstance(tier, dict) else None
+        if kind not in known:
+            raise ConfigError(f"{_where(label)}tiers[{i}].kind", f"unknown tier kind {kind!r}", known.keys())
+
+
+def _validate(data: dict[str, Any], label: str | None, sources: dict[str, str]) -> KvbmSettings:
+    try:
+        return KvbmSettings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = _loc_to_key(err["loc"], data)
+        origin = sources.get(path, "")
+        where = origin.removeprefix("env:") if origin.startswith("env:") else f"{_where(label)}{_raw_loc(err['loc'])}"
+        raise ConfigError(where, f"{err['msg']} (got {err.get('input')!r})") from None
+
+
+def _check_pipeline(settings: KvbmSettings, registry: Registry, label: str | None, sources: dict[str, str]) -> None:
+    levels = [registry.types("tier")[t.kind].cls.level for t in settings.tiers]
+    if len(set(levels)) != len(levels):
+        raise ConfigError(f"{_where(label)}tiers", "at most one host-level and one disk-level tier", ["cpu", "disk", "gds"])
+    if levels != sorted(levels):
+        raise ConfigError(f"{_where(label)}tiers", "host-level tiers come before disk-level tiers")
+    registry.get("eviction", settings.eviction, f"{_where(label)}eviction")
+    if settings.disk_offload_filter.enabled:
+        registry.get("filter", settings.disk_offload_filter.name, f"{_where(label)}disk_offload_filter.name")
+    for i, name in enumerate(settings.transports):
+        registry.get("transport", name, f"{_where(label)}transports[{i}]")
+
+
+def _raw_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _loc_to_key(loc: tuple[Any, ...], data: dict[str, Any]) -> str:
+    if len(loc) >= 2 and loc[0] == "tiers" and isinstance(loc[1], int):
+        tiers = data.get("tiers", [])
+        kind = tiers[loc[1]].get("kind") if loc[1] < len(tiers) and isinstance(tiers[loc[1]], dict) else loc[1]
+        return ".".join(["tiers", str(kind), *map(str, loc[2:])])
+    return ".".join(map(str, loc))
+
+
+# ------------------------------------------------------------------------------- provenance
+def _display_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key == "tiers" and not prefix and isinstance(value, list):
+            for tier in value:
+                if isinstance(tier, dict):
+                    keys += _display_keys(tier, f"tiers.{tier.get('kind')}.")
+        elif isinstance(value, dict) and not key.endswith("options"):
+            keys += _display_keys(value, f"{path}.")
+        else:
+            keys.append(path)
+    return keys
+
+
+def _record(sources: dict[str, str], keys: list[str], source: str) -> None:
+    for key in keys:
+        sources[key] = source
+
+
+def flatten(settings: KvbmSettings) -> dict[str, Any]:
+    """The settings as display keys -> values (tiers keyed by kind), for ``kvbm config show``."""
+    dumped = settings.model_dump()
+    out: dict[str, Any] = {}
+    for key in _display_keys(dumped):
+        node: Any = dumped
+        parts = key.split(".")
+        if parts[0] == "tiers":
+            node = next(t for t in dumped["tiers"] if t["kind"] == parts[1])
+            parts = parts[2:]
+        for part in parts:
+            node = node[part]
+        out[key] = node
+    return out
