@@ -59,6 +59,15 @@ class TransferError(KvbmError):
         super().__init__(f"operation {op_id} ({route}): {message}")
 
 
+class TransportError(KvbmError):
+    """A transport cannot reach its server or an operation on it failed or timed out."""
+
+    def __init__(self, transport: str, endpoint: str, message: str):
+        self.transport = transport
+        self.endpoint = endpoint
+        super().__init__(f"{transport} at {endpoint}: {message}")
+
+
 class KvbmLoadError(KvbmError):
     """A promised onboard failed for these requests; their KV is not valid and must not be used."""
 

@@ -144,6 +144,10 @@ class Transport(ABC):
         self.settings = settings
 
     @classmethod
+    def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
+        """Raise :class:`~kvbm_core.errors.ConfigError` naming ``key`` for a bad ``transport_options`` entry."""
+
+    @classmethod
     def diagnose(cls, settings: "KvbmSettings") -> list[CheckResult]:
         """Checks for ``kvbm doctor`` (for example: is the configured server reachable?)."""
         return []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -23,7 +23,7 @@ class TierSpec(_Strict):
     """
 
     kind: str
-    capacity_gb: float | None = Field(default=None, ge=0)
+    capacity_gb: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     num_blocks: int | None = Field(default=None, ge=0)
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -31,7 +31,14 @@ class TierSpec(_Strict):
     def _sized(self) -> "TierSpec":
         if self.capacity_gb is None and self.num_blocks is None:
             raise ValueError(f"tier {self.kind!r} needs capacity_gb or num_blocks")
+        if not self.effective_size:
+            raise ValueError(f"tier {self.kind!r} has size 0: remove the tier, or give it capacity_gb or num_blocks > 0")
         return self
+
+    @property
+    def effective_size(self) -> float:
+        """The figure that sizes the tier: ``num_blocks`` when set, else ``capacity_gb``."""
+        return float(self.num_blocks if self.num_blocks is not None else self.capacity_gb or 0)
 
 
 class FilterSpec(_Strict):
@@ -51,6 +58,8 @@ class DiskSettings(_Strict):
 
 
 class MetricsSettings(_Strict):
+    """The Prometheus exporter (:mod:`kvbm_core.metrics`): off by default, port 6880 as Dynamo's."""
+
     enabled: bool = False
     port: int = Field(default=6880, ge=1, le=65535)
 
@@ -63,18 +72,27 @@ class CostModelSettings(_Strict):
     """
 
     enabled: bool = True
-    prefill_tokens_per_s: float = Field(default=30_000.0, gt=0)
+    prefill_tokens_per_s: float = Field(default=30_000.0, gt=0, allow_inf_nan=False)
     bandwidth_gbps: dict[str, float] = Field(default_factory=dict)
-    fixed_overhead_s: float = Field(default=0.0005, ge=0)
+    fixed_overhead_s: float = Field(default=0.0005, ge=0, allow_inf_nan=False)
 
 
 class CacheStatsSettings(_Strict):
+    """Hit rates are block-weighted over the last ``max_requests`` finished requests."""
+
     max_requests: int = Field(default=1000, ge=1)
 
 
 class LoggingSettings(_Strict):
+    """How :mod:`kvbm_core.logging` renders: readable console lines or JSON lines, on stderr."""
+
     format: Literal["console", "json"] = "console"
     level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("format", "level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
 
 class KvbmSettings(_Strict):
@@ -85,7 +103,7 @@ class KvbmSettings(_Strict):
     eviction_options: dict[str, Any] = Field(default_factory=dict)
     disk_offload_filter: FilterSpec = Field(default_factory=FilterSpec)
     host_offload_prefix_min_priority: int = Field(default=0, ge=0, le=100)
-    leader_worker_init_timeout_secs: float = Field(default=1800.0, gt=0)
+    leader_worker_init_timeout_secs: float = Field(default=1800.0, gt=0, allow_inf_nan=False)
     disk: DiskSettings = Field(default_factory=DiskSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     cost_model: CostModelSettings = Field(default_factory=CostModelSettings)

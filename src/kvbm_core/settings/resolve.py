@@ -5,8 +5,10 @@ The flat seed variables map onto the pipeline as the seed guide describes:
 - ``DYN_KVBM_CPU_CACHE_GB`` (or its block override) sizes the host-level tier, adding a ``cpu``
   tier when the profile has none; 0 with no override removes it.
 - ``DYN_KVBM_DISK_CACHE_GB`` (or its block override) sizes the disk-level tier, adding ``disk``.
+- A block override wins over GB. A GB variable alone replaces the profile's sizing of that tier
+  (the profile's ``num_blocks`` is dropped), because the environment is the top layer.
 - Host only: device -> host. Host + disk: device -> host, host -> disk behind the frequency filter.
-  Disk only: device -> disk directly.
+  Disk only: device -> disk directly (see :mod:`kvbm_core.settings.pipeline`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,12 +24,27 @@ from pydantic import ValidationError
 from kvbm_core.errors import ConfigError
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.registry import Registry, default_registry
-from kvbm_core.settings.environment import SeedEnvironment
+from kvbm_core.settings.accepted import accepted_at
+from kvbm_core.settings.environment import SeedEnvironment, variable_name
 from kvbm_core.settings.model import KvbmSettings
-from kvbm_core.settings.profiles import PROFILE_VARIABLE, load_profile
+from kvbm_core.settings.profiles import PROFILE_VARIABLE, load_profile, profile_path
 
 DEFAULT = "default"
 _DEFAULT_KIND = {TierLevel.HOST: "cpu", TierLevel.DISK: "disk"}
+
+# Flat variable -> (section, key) of KvbmSettings it overrides (section None: top level).
+SCALAR_OVERLAYS: Mapping[str, tuple[str | None, str]] = {
+    "disk_cache_dir": ("disk", "directory"),
+    "disk_zerofill_fallback": ("disk", "zerofill_fallback"),
+    "disk_disable_o_direct": ("disk", "disable_o_direct"),
+    "leader_worker_init_timeout_secs": (None, "leader_worker_init_timeout_secs"),
+    "metrics": ("metrics", "enabled"),
+    "metrics_port": ("metrics", "port"),
+    "host_offload_prefix_min_priority": (None, "host_offload_prefix_min_priority"),
+    "cache_stats_max_requests": ("cache_stats", "max_requests"),
+    "log_format": ("logging", "format"),
+    "log_level": ("logging", "level"),
+}
 
 
 @dataclass(frozen=True)
@@ -34,12 +52,13 @@ class ResolvedSettings:
     """The validated settings, the profile they started from, and each value's source.
 
     ``sources`` maps a display key (``tiers.cpu.capacity_gb``, ``disk.directory``) to
-    ``default``, ``profile:<name>`` or ``env:<VARIABLE>``.
+    ``default``, ``profile:<name>`` or ``env:<VARIABLE>``; ``profile_path`` is the profile's file.
     """
 
     settings: KvbmSettings
     profile: str | None
     sources: dict[str, str] = field(default_factory=dict)
+    profile_path: Path | None = None
 
     def source_of(self, key: str) -> str:
         return self.sources.get(key, DEFAULT)
@@ -56,11 +75,13 @@ def resolve_settings(
     sources: dict[str, str] = {}
     data: dict[str, Any] = {}
     label: str | None = None
+    path: Path | None = None
 
     chosen = profile if profile is not None else env.profile
     if chosen:
         source_key = "--profile" if profile is not None else PROFILE_VARIABLE
         label, data = load_profile(chosen, source_key)
+        path = profile_path(chosen, source_key)
         data = copy.deepcopy(data)
         _record(sources, _display_keys(data), f"profile:{label}")
 
@@ -68,7 +89,7 @@ def resolve_settings(
     _apply_environment(data, env, registry, sources)
     settings = _validate(data, label, sources)
     _check_pipeline(settings, registry, label, sources)
-    return ResolvedSettings(settings, label, sources)
+    return ResolvedSettings(settings, label, sources, path)
 
 
 # ----------------------------------------------------------------------------------- overlay
@@ -92,38 +113,36 @@ def _apply_environment(data: dict[str, Any], env: SeedEnvironment, registry: Reg
         if gb is not None:
             tier["capacity_gb"] = gb
             sources[f"tiers.{kind}.capacity_gb"] = _env(gb_var)
+            if blocks is None and tier.pop("num_blocks", None) is not None:
+                sources[f"tiers.{kind}.num_blocks"] = _env(gb_var)
         if blocks is not None:
             tier["num_blocks"] = blocks
             sources[f"tiers.{kind}.num_blocks"] = _env(blocks_var)
-        if not tier.get("num_blocks") and not tier.get("capacity_gb"):
-            tiers.remove(tier)  # 0 GB and no block override: the tier is switched off
+        size = tier.get("num_blocks") if tier.get("num_blocks") is not None else tier.get("capacity_gb")
+        if not size:
+            tiers.remove(tier)  # sized 0 from the environment: the tier is switched off
+            for key in [k for k in sources if k.startswith(f"tiers.{kind}.")]:
+                del sources[key]
 
-    scalar_overlays = {
-        "disk_cache_dir": ("disk", "directory"),
-        "disk_zerofill_fallback": ("disk", "zerofill_fallback"),
-        "disk_disable_o_direct": ("disk", "disable_o_direct"),
-        "leader_worker_init_timeout_secs": (None, "leader_worker_init_timeout_secs"),
-        "metrics": ("metrics", "enabled"),
-        "metrics_port": ("metrics", "port"),
-        "host_offload_prefix_min_priority": (None, "host_offload_prefix_min_priority"),
-        "cache_stats_max_requests": ("cache_stats", "max_requests"),
-        "log_format": ("logging", "format"),
-        "log_level": ("logging", "level"),
-    }
-    for var, (section, key) in scalar_overlays.items():
+    for var, (section, key) in SCALAR_OVERLAYS.items():
         value = getattr(env, var)
         if value is None:
             continue
         target = data.setdefault(section, {}) if section else data
+        if not isinstance(target, dict):
+            raise ConfigError(section or key, f"must be a mapping, got {target!r}")
         target[key] = value
         sources[f"{section}.{key}" if section else key] = _env(var)
     if env.disable_disk_offload_filter is not None:
-        data.setdefault("disk_offload_filter", {})["enabled"] = not env.disable_disk_offload_filter
+        section = data.setdefault("disk_offload_filter", {})
+        if not isinstance(section, dict):
+            raise ConfigError("disk_offload_filter", f"must be a mapping, got {section!r}")
+        section["enabled"] = not env.disable_disk_offload_filter
         sources["disk_offload_filter.enabled"] = _env("disable_disk_offload_filter")
 
 
 def _env(field_name: str) -> str:
-    return f"env:DYN_KVBM_{field_name.upper()}"
+    return f"env:{variable_name(field_name)}"
 
 
 def _level(kind: Any, registry: Registry) -> TierLevel | None:
@@ -139,12 +158,12 @@ def _where(label: str | None) -> str:
 def _check_tier_kinds(data: dict[str, Any], registry: Registry, label: str | None) -> None:
     tiers = data.get("tiers", [])
     if not isinstance(tiers, list):
-        raise ConfigError(f"{_where(label)}tiers", "must be a list of tiers")
+        raise ConfigError(f"{_where(label)}tiers", "must be a list of tiers, each a mapping with 'kind'")
     known = registry.types("tier")
     for i, tier in enumerate(tiers):
         kind = tier.get("kind") if isinstance(tier, dict) else None
         if kind not in known:
-            raise ConfigError(f"{_where(label)}tiers[{i}].kind", f"unknown tier kind {kind!r}", known.keys())
+            raise ConfigError(f"{_where(label)}tiers[{i}].kind", f"unknown tier kind {kind!r}", known.keys() or ["(none installed)"])
 
 
 def _validate(data: dict[str, Any], label: str | None, sources: dict[str, str]) -> KvbmSettings:
@@ -152,23 +171,30 @@ def _validate(data: dict[str, Any], label: str | None, sources: dict[str, str]) 
         return KvbmSettings.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        path = _loc_to_key(err["loc"], data)
-        origin = sources.get(path, "")
+        origin = sources.get(_loc_to_key(err["loc"], data), "")
         where = origin.removeprefix("env:") if origin.startswith("env:") else f"{_where(label)}{_raw_loc(err['loc'])}"
-        raise ConfigError(where, f"{err['msg']} (got {err.get('input')!r})") from None
+        accepted = None if err["type"] == "value_error" else accepted_at(KvbmSettings, err["loc"], err["type"])
+        raise ConfigError(where, f"{err['msg']} (got {err.get('input')!r})", accepted) from None
 
 
 def _check_pipeline(settings: KvbmSettings, registry: Registry, label: str | None, sources: dict[str, str]) -> None:
-    levels = [registry.types("tier")[t.kind].cls.level for t in settings.tiers]
+    where = _where(label)
+    tier_types = registry.types("tier")
+    levels = []
+    for i, tier in enumerate(settings.tiers):
+        cls = registry.get("tier", tier.kind, f"{where}tiers[{i}].kind")
+        cls.validate_options(tier.options, f"{where}tiers[{i}].options")
+        levels.append(tier_types[tier.kind].cls.level)
     if len(set(levels)) != len(levels):
-        raise ConfigError(f"{_where(label)}tiers", "at most one host-level and one disk-level tier", ["cpu", "disk", "gds"])
+        raise ConfigError(f"{where}tiers", "at most one host-level and one disk-level tier", tier_types.keys())
     if levels != sorted(levels):
-        raise ConfigError(f"{_where(label)}tiers", "host-level tiers come before disk-level tiers")
-    registry.get("eviction", settings.eviction, f"{_where(label)}eviction")
-    if settings.disk_offload_filter.enabled:
-        registry.get("filter", settings.disk_offload_filter.name, f"{_where(label)}disk_offload_filter.name")
+        raise ConfigError(f"{where}tiers", "host-level tiers come before disk-level tiers")
+    registry.get("eviction", settings.eviction, f"{where}eviction")
+    if settings.disk_offload_filter.enabled and set(levels) == {TierLevel.HOST, TierLevel.DISK}:
+        registry.get("filter", settings.disk_offload_filter.name, f"{where}disk_offload_filter.name")
     for i, name in enumerate(settings.transports):
-        registry.get("transport", name, f"{_where(label)}transports[{i}]")
+        cls = registry.get("transport", name, f"{where}transports[{i}]")
+        cls.validate_options(settings.transport_options.get(name, {}), f"{where}transport_options.{name}")
 
 
 def _raw_loc(loc: tuple[Any, ...]) -> str:
@@ -195,7 +221,7 @@ def _display_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
             for tier in value:
                 if isinstance(tier, dict):
                     keys += _display_keys(tier, f"tiers.{tier.get('kind')}.")
-        elif isinstance(value, dict) and not key.endswith("options"):
+        elif isinstance(value, dict) and value and not key.endswith("options"):
             keys += _display_keys(value, f"{path}.")
         else:
             keys.append(path)
