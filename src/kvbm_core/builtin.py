@@ -2,6 +2,9 @@
 
 - ``lru`` eviction: lowest retention priority first, then least recently made evictable.
 - ``inproc`` transport: leader and workers of one process talk through memory.
+- ``etcd`` and ``nats`` transports (:mod:`kvbm_core.transports`): discovery and KV events.
+- the Prometheus exporter (:mod:`kvbm_core.metrics`): its event hooks are re-exported here, so
+  that this module is the one plugin object pluggy registers for core.
 """
 
 from __future__ import annotations
@@ -12,6 +15,18 @@ from collections.abc import Sequence
 
 from kvbm_core.hookspecs import hookimpl
 from kvbm_core.interfaces import EvictionPolicy, Transport
+from kvbm_core.metrics import (  # noqa: F401  (hook implementations of the exporter)
+    kvbm_blocks_offloaded,
+    kvbm_blocks_onboarded,
+    kvbm_blocks_removed,
+    kvbm_blocks_stored,
+    kvbm_pipeline_built,
+    kvbm_pipeline_closed,
+    kvbm_request_finished,
+    kvbm_request_matched,
+    kvbm_transfer_failed,
+)
+from kvbm_core.transports import EtcdTransport, NatsTransport
 
 
 class PriorityLruEviction(EvictionPolicy):
@@ -85,4 +100,4 @@ def kvbm_eviction_policies() -> Sequence[type[EvictionPolicy]]:
 
 @hookimpl
 def kvbm_transports() -> Sequence[type[Transport]]:
-    return [InProcessTransport]
+    return [InProcessTransport, EtcdTransport, NatsTransport]

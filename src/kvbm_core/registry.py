@@ -72,9 +72,9 @@ class Registry:
         self._blocked = frozenset(blocked)
         for name in self._blocked:
             self.pm.set_blocked(name)
+        self._types: dict[str, dict[str, TypeEntry]] | None = None
         if load_entry_points:
             self._load_entry_points()
-        self._types: dict[str, dict[str, TypeEntry]] | None = None
 
     # ----------------------------------------------------------------------------- loading
     def _load_entry_points(self) -> None:
@@ -94,6 +94,16 @@ class Registry:
             except Exception as exc:  # any import-time failure is the plugin's, not ours
                 raise PluginError(dist, f"entry point {ep.name} = {ep.value} failed to import: {exc!r}") from exc
             self.register(module, ep.name, dist, version)
+        self.check_hook_names()
+
+    def check_hook_names(self) -> None:
+        """A ``@hookimpl`` whose name matches no hook (a typo) is an error naming its distribution."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(exc.plugin) or "?"
+            info = self._infos.get(name)
+            raise PluginError(info.distribution if info else name, f"plugin {name!r}: {exc}") from None
 
     def register(self, plugin: Any, name: str, distribution: str = "(in-process)", version: str = "") -> None:
         """Register a plugin object (a module or instance with hook implementations)."""
@@ -129,6 +139,21 @@ class Registry:
             raise ConfigError(key, f"unknown {kind} {name!r}", entries.keys() or ["(none installed)"])
         return entries[name].cls
 
+    def contributions(self, plugin: str) -> dict[str, list[str]]:
+        """What an enabled plugin provides: type names by kind, and ``events`` -> the event hooks it implements."""
+        out: dict[str, list[str]] = {}
+        for kind in _TYPE_HOOKS:
+            names = sorted(e.name for e in self.types(kind).values() if e.plugin == plugin)
+            if names:
+                out[kind] = names
+        obj = self.pm.get_plugin(plugin)
+        events = sorted(
+            c.name for c in (self.pm.get_hookcallers(obj) or []) if obj is not None and c.name not in _TYPE_HOOKS.values()
+        )
+        if events:
+            out["events"] = events
+        return out
+
     def _collect_types(self) -> dict[str, dict[str, TypeEntry]]:
         out: dict[str, dict[str, TypeEntry]] = {kind: {} for kind in _TYPE_HOOKS}
         for kind, hook_name in _TYPE_HOOKS.items():
@@ -162,8 +187,15 @@ class Registry:
 
     # ------------------------------------------------------------------------------ events
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call an event hook on every plugin; a subscriber that raises is logged, not propagated."""
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        """Call an event hook on every plugin; a subscriber that raises is logged, not propagated.
+
+        A call that misses an argument of the hook's spec is the caller's bug: :class:`TypeError`.
+        """
+        caller = getattr(self.pm.hook, hook_name)
+        missing = [a for a in caller.spec.argnames if a not in kwargs] if caller.spec else []
+        if missing:
+            raise TypeError(f"{hook_name}() called without {', '.join(missing)}")
+        for impl in caller.get_hookimpls():
             try:
                 impl.function(*[kwargs[a] for a in impl.argnames])
             except Exception:

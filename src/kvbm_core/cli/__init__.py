@@ -1,0 +1,1 @@
+"""The ``kvbm`` command: one module per subcommand, wired together by :mod:`kvbm_core.cli.main`."""

@@ -1,0 +1,48 @@
+"""Entry point of the ``kvbm`` console script: parses arguments and maps errors to exit codes.
+
+Exit codes: 0 success; 1 a check failed (``kvbm doctor``); 2 a configuration or plugin error,
+printed as one line on stderr without a traceback.
+
+Each subcommand is a module with ``add_parser(subparsers)`` (which sets ``func``, a callable taking
+the parsed arguments and returning the exit code). Adding one (``kvbm bench``) means writing its
+module and listing it in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from kvbm_core import __version__
+from kvbm_core.cli import config, doctor, plugins
+from kvbm_core.errors import ConfigError, PluginError
+from kvbm_core.logging import configure
+from kvbm_core.settings.environment import SeedEnvironment
+from kvbm_core.settings.model import LoggingSettings
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+COMMANDS = (plugins, config, doctor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvbm", description="KV-cache block manager for TensorRT-LLM.")
+    parser.add_argument("--version", action="version", version=f"kvbm {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        env = SeedEnvironment.load()
+        configure(LoggingSettings(format=env.log_format or "console", level=env.log_level or "info"))
+        return int(args.func(args))
+    except (ConfigError, PluginError) as exc:
+        print(f"kvbm: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,205 @@
+"""The ``nats`` transport: publish/subscribe for KV events, on a NATS server.
+
+Uses nats-py (asyncio) on a :class:`~kvbm_core.transports.loop.BackgroundLoop`; every call is
+bounded by ``timeout_s``. Subscription callbacks run on the transport's loop thread: keep them
+short and hand work off. Options (``transport_options.nats``)::
+
+    servers: ["nats://127.0.0.1:4222"]     # the client picks one and fails over to the others
+    timeout_s: 5                           # connect and per-call deadline
+
+TLS and credentials are not supported yet (a ``tls://`` server is a configuration error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kvbm_core.errors import TransportError
+from kvbm_core.interfaces import CheckResult, Transport
+from kvbm_core.logging import get_logger
+from kvbm_core.settings.model import KvbmSettings
+from kvbm_core.transports.loop import BackgroundLoop
+from kvbm_core.transports.options import parse_options, split_address
+
+DEFAULT_PORT = 4222
+log = get_logger("kvbm.transport.nats")
+
+MessageHandler = Callable[[str, bytes], None]
+"""Called with ``(subject, payload)`` for each message, on the transport's loop thread."""
+
+
+class NatsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    servers: list[str] = Field(default_factory=lambda: [f"nats://127.0.0.1:{DEFAULT_PORT}"], min_length=1)
+    timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+
+    @field_validator("servers")
+    @classmethod
+    def _addresses(cls, servers: list[str]) -> list[str]:
+        return [_normalise(s) for s in servers]
+
+
+def _normalise(server: str) -> str:
+    host, port = split_address(server, ("nats",), DEFAULT_PORT)
+    return f"nats://{host}:{port}"
+
+
+def nats_options(settings: KvbmSettings) -> NatsOptions:
+    return parse_options(NatsOptions, settings.transport_options.get("nats", {}), "transport_options.nats")
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A live subscription; :meth:`unsubscribe` stops delivery."""
+
+    subject: str
+    _transport: "NatsTransport"
+    _sub: Any
+
+    def unsubscribe(self) -> None:
+        self._transport._call("unsubscribe", self._sub.unsubscribe())
+
+
+class NatsTransport(Transport):
+    """A connected NATS client."""
+
+    name = "nats"
+
+    def __init__(self, settings: KvbmSettings) -> None:
+        super().__init__(settings)
+        self.options = nats_options(settings)
+        self._loop = BackgroundLoop("kvbm-nats")
+        servers = ", ".join(self.options.servers)
+        self._errors: list[str] = []
+        try:
+            self._nc = self._loop.run(_connect(self.options, self._errors, long_lived=True), self.options.timeout_s)
+        except TimeoutError:
+            self._loop.stop()
+            last = f" (last error: {self._errors[-1]})" if self._errors else ""
+            raise TransportError("nats", servers, f"connect timed out{last}") from None
+        except TransportError:
+            self._loop.stop()
+            raise
+        except Exception as exc:
+            self._loop.stop()
+            raise TransportError("nats", servers, f"cannot connect: {_reason(exc)}") from exc
+        log.debug("nats connected", server=self.server)
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
+        parse_options(NatsOptions, options, key)
+
+    @property
+    def server(self) -> str:
+        url = self._nc.connected_url
+        return f"{url.scheme}://{url.hostname}:{url.port}" if url else ", ".join(self.options.servers)
+
+    # ---------------------------------------------------------------------------- messaging
+    def publish(self, subject: str, data: bytes) -> None:
+        """Queue ``data`` on ``subject`` (delivery is asynchronous; :meth:`flush` waits for it)."""
+        self._call("publish", self._nc.publish(subject, data))
+
+    def flush(self) -> None:
+        """Wait until the server has received everything published so far."""
+        self._call("flush", self._nc.flush(timeout=self.options.timeout_s))
+
+    def subscribe(self, subject: str, handler: MessageHandler) -> Subscription:
+        """Deliver messages on ``subject`` (wildcards ``*``/``>`` allowed) to ``handler``."""
+
+        async def deliver(msg: Any) -> None:
+            try:
+                handler(msg.subject, msg.data)
+            except Exception:  # one broken handler must not stop the subscription
+                log.exception("nats message handler failed", subject=msg.subject)
+
+        sub = self._call("subscribe", self._subscribe(subject, deliver))
+        return Subscription(subject, self, sub)
+
+    def close(self) -> None:
+        if self._loop.loop.is_closed():
+            return
+        try:
+            self._loop.run(self._nc.close(), self.options.timeout_s)
+        except Exception as exc:  # closing a dead connection must not stop shutdown
+            log.warning("nats close failed", server=self.server, error=_reason(exc))
+        finally:
+            self._loop.stop()
+
+    # ------------------------------------------------------------------------------ doctor
+    @classmethod
+    def diagnose(cls, settings: KvbmSettings) -> list[CheckResult]:
+        options = nats_options(settings)
+        rows = []
+        for server in options.servers:
+            single = NatsOptions(servers=[server], timeout_s=options.timeout_s)
+            try:
+                version = asyncio.run(_probe(single))
+                rows.append(CheckResult(f"nats {server}", "pass", f"reachable, nats-server {version}"))
+            except Exception as exc:
+                rows.append(CheckResult(f"nats {server}", "fail", f"unreachable: {_reason(exc)}"))
+        return rows
+
+    # ---------------------------------------------------------------------------- internals
+    async def _subscribe(self, subject: str, deliver: Callable[[Any], Any]) -> Any:
+        sub = await self._nc.subscribe(subject, cb=deliver)
+        await self._nc.flush(timeout=self.options.timeout_s)  # the server knows the interest on return
+        return sub
+
+    def _call(self, what: str, coro: Any) -> Any:
+        try:
+            return self._loop.run(coro, self.options.timeout_s)
+        except Exception as exc:
+            raise TransportError("nats", self.server, f"{what} failed: {_reason(exc)}") from exc
+
+
+async def _connect(options: NatsOptions, errors: list[str], long_lived: bool) -> Any:
+    """Connect, recording each connection error in ``errors``. A long-lived connection keeps
+    reconnecting forever; a probe tries each server twice and gives up.
+
+    nats-py retries the first connect as long as it would reconnect, so the caller bounds the wait.
+    """
+    try:
+        import nats  # imported here: only clusters that select the transport need the client
+    except ImportError:
+        raise TransportError("nats", ", ".join(options.servers), "the nats-py package is not installed (pip install 'kvbm-core[cluster]')") from None
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(_reason(exc))
+        if long_lived:
+            log.warning("nats connection error", error=_reason(exc))
+
+    return await nats.connect(
+        servers=list(options.servers),
+        connect_timeout=max(1, int(options.timeout_s)),
+        allow_reconnect=long_lived,
+        max_reconnect_attempts=-1 if long_lived else 1,
+        reconnect_time_wait=2 if long_lived else 0,
+        error_cb=on_error,
+        name="kvbm",
+    )
+
+
+async def _probe(options: NatsOptions) -> str:
+    errors: list[str] = []
+    try:
+        nc = await asyncio.wait_for(_connect(options, errors, long_lived=False), options.timeout_s)
+    except Exception as exc:
+        raise ConnectionError(errors[-1] if errors else _reason(exc)) from exc
+    try:
+        v = nc.connected_server_version
+        return f"{v.major}.{v.minor}.{v.patch}"
+    finally:
+        await nc.close()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

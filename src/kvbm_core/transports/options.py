@@ -1,0 +1,44 @@
+"""Validation of ``transport_options.<name>`` and of server addresses, shared by the transports.
+
+A bad option is a :class:`~kvbm_core.errors.ConfigError` naming ``transport_options.<name>.<key>``
+and the accepted values, raised by ``resolve_settings`` (through ``validate_options``) before any
+connection is tried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ValidationError
+
+from kvbm_core.errors import ConfigError
+from kvbm_core.settings.accepted import accepted_at
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_options(model: type[M], options: Mapping[str, Any], key: str) -> M:
+    """Validate ``options`` against ``model``; errors name ``key.<field>``."""
+    try:
+        return model.model_validate(dict(options))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join([key, *(str(p) for p in err["loc"])])
+        accepted = None if err["type"] == "value_error" else accepted_at(model, err["loc"], err["type"])
+        raise ConfigError(where, f"{err['msg']} (got {err.get('input')!r})", accepted) from None
+
+
+def split_address(address: str, schemes: tuple[str, ...], default_port: int) -> tuple[str, int]:
+    """``scheme://host:port`` or ``host:port`` -> ``(host, port)``; a :class:`ValueError` otherwise."""
+    parts = urlsplit(address if "://" in address else f"{schemes[0]}://{address}")
+    if parts.scheme not in schemes:
+        raise ValueError(f"{address!r}: scheme must be {' or '.join(s + '://' for s in schemes)}")
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise ValueError(f"{address!r}: the port is not a number from 1 to 65535") from None
+    if not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"{address!r}: expected {schemes[0]}://HOST:PORT")
+    return parts.hostname, port
