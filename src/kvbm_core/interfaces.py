@@ -75,6 +75,15 @@ class StorageTier(ABC):
         self.context = context
 
     @classmethod
+    def bytes_per_slot(cls, layout: "BlockLayout") -> int:
+        """Bytes one slot takes in this tier's storage; the leader sizes ``num_slots`` with it.
+
+        A tier that stores more than the block (a disk record's header and alignment) says so here,
+        so that ``num_slots * bytes_per_slot`` stays within the configured capacity.
+        """
+        return layout.bytes_per_block
+
+    @classmethod
     def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
         """Raise :class:`~kvbm_core.errors.ConfigError` naming ``key`` for a bad option."""
 

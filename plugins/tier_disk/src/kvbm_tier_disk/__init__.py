@@ -1,19 +1,17 @@
-"""kvbm-tier-disk: the local disk tier (G3)."""
+"""kvbm-tier-disk: the local disk tier (G3), preallocated, O_DIRECT, checksummed and restart-safe.
+
+- :mod:`kvbm_tier_disk.format`: the on-disk record format (shared with kvbm-tier-gds).
+- :mod:`kvbm_tier_disk.blockfile`: creating, preallocating and opening the per-rank file.
+- :mod:`kvbm_tier_disk.tier`: :class:`LocalDiskTier`, the tier the engine drives.
+"""
 
 from kvbm_core.hookspecs import hookimpl
-from kvbm_core.interfaces import StorageTier, TierLevel
-
-
-class LocalDiskTier(StorageTier):
-    name = "disk"
-    level = TierLevel.DISK
-    read_gbps = 1.5
-    write_gbps = 2.0
-
-    def close(self) -> None:
-        pass
+from kvbm_tier_disk.tier import LocalDiskTier
 
 
 @hookimpl
 def kvbm_tier_types():
     return [LocalDiskTier]
+
+
+__all__ = ["LocalDiskTier"]

@@ -1,0 +1,18 @@
+"""Tier-facing storage building blocks shared by the tier plugins and the transfer engine.
+
+``base`` holds the abstract tiers the engine drives (:class:`HostStorage`, :class:`BlockFileStorage`)
+and staging lanes; ``host_memory`` allocates page-aligned, pinned host memory quickly.
+"""
+
+from kvbm_core.storage.base import BlockFileStorage, HostStorage, ReadCheck, StagingLanes
+from kvbm_core.storage.host_memory import AllocationStats, HostMemory, cuda_pinning_available
+
+__all__ = [
+    "AllocationStats",
+    "BlockFileStorage",
+    "HostMemory",
+    "HostStorage",
+    "ReadCheck",
+    "StagingLanes",
+    "cuda_pinning_available",
+]

@@ -1,0 +1,157 @@
+"""What the transfer engine needs from a tier, beyond :class:`~kvbm_core.interfaces.StorageTier`.
+
+- :class:`HostStorage` (G2): ``num_slots`` rows of ``bytes_per_block`` bytes in one uint8 tensor;
+  the engine copies device blocks to and from rows by slot index.
+- :class:`BlockFileStorage` (G3): slots are records in a file. The engine hands it runs of
+  consecutive slots with their 128-bit keys; the tier stamps records on write and verifies them on
+  read (:class:`ReadCheck`), so a torn, corrupted or foreign record is never handed to the GPU.
+- :class:`StagingLanes`: a fixed set of aligned staging areas (pinned host memory, or device memory
+  for GPUDirect reads) that bound how much data is in flight between a file and the GPU.
+
+Tiers own bytes and formats; they never order operations (the engine's hazards do that).
+"""
+
+from __future__ import annotations
+
+import queue
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from kvbm_core.errors import StorageError
+from kvbm_core.interfaces import StorageTier, TierLevel
+from kvbm_core.storage.host_memory import AllocationStats, HostMemory
+
+
+@dataclass(frozen=True)
+class ReadCheck:
+    """Verification of ``len(ok)`` records read together: ``ok[i]`` says record ``i`` may be used.
+
+    ``reasons`` maps the position of each failed record to why it failed.
+    """
+
+    ok: np.ndarray
+    reasons: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def all_ok(self) -> bool:
+        return bool(self.ok.all())
+
+
+class StagingLanes:
+    """``count`` lanes of ``records`` x ``record_bytes`` bytes each; a lane is held by one transfer.
+
+    Host lanes are page-aligned (O_DIRECT reads and writes them in place) and pinned when
+    ``device`` is a CUDA device; ``on_device=True`` places the lanes in device memory instead.
+    """
+
+    def __init__(self, count: int, records: int, record_bytes: int, *, device: torch.device | None,
+                 on_device: bool = False, label: str = "staging") -> None:
+        self.count, self.records, self.record_bytes = count, records, record_bytes
+        nbytes = count * records * record_bytes
+        self._memory: HostMemory | None = None
+        if on_device:
+            if device is None:
+                raise StorageError(label, "device staging lanes need a device")
+            flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        else:
+            self._memory = HostMemory(nbytes, device=device, unit_bytes=records * record_bytes, label=label)
+            flat = self._memory.tensor
+        self.pinned = bool(self._memory.pinned) if self._memory is not None else False
+        self.tensor = flat.view(count, records, record_bytes)
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for lane in range(count):
+            self._free.put(lane)
+
+    def acquire(self, timeout: float) -> int:
+        """A free lane index; :class:`TimeoutError` when none frees up within ``timeout`` seconds."""
+        try:
+            return self._free.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no staging lane free within {timeout:.1f} s") from None
+
+    def release(self, lane: int) -> None:
+        self._free.put(lane)
+
+    def lane(self, index: int) -> torch.Tensor:
+        """Lane ``index`` as a ``[records, record_bytes]`` uint8 tensor."""
+        return self.tensor[index]
+
+    def close(self) -> None:
+        self.tensor = torch.empty(0, dtype=torch.uint8)
+        if self._memory is not None:
+            self._memory.close()
+
+
+class HostStorage(StorageTier):
+    """A host-memory tier. ``slots`` is ``[num_slots, bytes_per_block]`` uint8, block-major.
+
+    A single copy never spans two of ``segment_slots``-slot segments (each is registered with CUDA
+    on its own).
+    """
+
+    level: ClassVar[TierLevel] = TierLevel.HOST
+    pinned: bool
+    segment_slots: int
+    allocation: AllocationStats | None = None
+
+    @property
+    @abstractmethod
+    def slots(self) -> torch.Tensor:
+        """The pool: row ``s`` holds the block stored in slot ``s``."""
+
+
+class BlockFileStorage(StorageTier):
+    """A file-backed tier: slot ``s`` is one fixed-size record holding one block and its identity.
+
+    Methods taking ``first_slot`` act on ``count`` consecutive slots (one I/O); ``keys`` is an
+    ``[count, 2]`` uint64 array. They are called from the engine's worker threads, concurrently
+    for disjoint slots.
+    """
+
+    level: ClassVar[TierLevel] = TierLevel.DISK
+    #: Bytes of one record on disk (header + block + padding); see :meth:`bytes_per_slot`.
+    record_bytes: int
+    #: Consecutive records moved in one I/O, and the worker threads that should run I/O at once.
+    io_records: int
+    io_threads: int
+    #: Host staging lanes (pinned on CUDA machines) of ``io_records`` records each.
+    lanes: StagingLanes
+    #: True when the tier moves data straight between the device and the file (GPUDirect).
+    device_direct: bool = False
+    #: Device staging lanes of ``io_records`` blocks each, when ``device_direct``.
+    device_lanes: StagingLanes | None = None
+    #: How the tier reaches the file, for logs and ``kvbm doctor`` (for example ``o_direct``).
+    mode: str = ""
+
+    @abstractmethod
+    def recovered(self) -> tuple[np.ndarray, np.ndarray]:
+        """Records found valid at start: ``(slots int64 [n], keys uint64 [n, 2])``."""
+
+    @abstractmethod
+    def data_view(self, lane: torch.Tensor, count: int) -> torch.Tensor:
+        """The block bytes of the first ``count`` records of a lane, ``[count, bytes_per_block]``."""
+
+    @abstractmethod
+    def write_lane(self, lane: torch.Tensor, first_slot: int, keys: np.ndarray) -> None:
+        """Stamp and write the blocks already in ``data_view(lane, len(keys))``."""
+
+    @abstractmethod
+    def write_rows(self, rows: torch.Tensor, first_slot: int, keys: np.ndarray, lane: torch.Tensor) -> None:
+        """Write ``rows`` (host ``[count, bytes_per_block]``); ``lane`` is scratch if they must be copied."""
+
+    @abstractmethod
+    def read_lane(self, lane: torch.Tensor, first_slot: int, keys: np.ndarray) -> ReadCheck:
+        """Read records into a lane and verify each against its expected key."""
+
+    def write_device(self, blocks: Sequence[torch.Tensor], first_slot: int, keys: np.ndarray) -> None:
+        """Write device blocks straight to the file (``device_direct`` tiers only)."""
+        raise NotImplementedError(f"tier {self.name!r} has no device-direct path")
+
+    def read_device(self, staging: torch.Tensor, first_slot: int, keys: np.ndarray) -> ReadCheck:
+        """Read blocks straight into device ``staging[:count]`` and verify them there."""
+        raise NotImplementedError(f"tier {self.name!r} has no device-direct path")

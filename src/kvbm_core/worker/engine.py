@@ -1,0 +1,532 @@
+"""The transfer engine: executes the leader's operations on one rank's bytes, by slot index.
+
+Where each route runs:
+
+==========  ==========================================================================
+D2H         store stream (its own thread enqueues), after the forward-end event
+H2D         load stream (its own thread enqueues); blocking loads make the compute stream wait
+            on the load's event (GPU-side, no host sync)
+H2DISK      I/O thread pool: host rows straight to the file (page-aligned rows need no copy)
+DISK2D      I/O thread pool: file -> staging lane, verify, copy verified blocks to the device
+D2DISK      I/O thread pool: device -> staging lane (or GPUDirect), stamp, write
+==========  ==========================================================================
+
+Every operation is one :class:`Ticket`. Tickets wait for earlier tickets touching the same slots
+(:mod:`kvbm_core.worker.hazards`): stream tickets wait in their stream thread (host-side only for
+the moment the earlier ticket is *issued*, i.e. its copies are enqueued; the GPU-side wait is
+``wait_event``); I/O tickets are submitted only once every ticket they wait for is issued, so pool
+threads never block on each other. A ticket is done when it is issued and its CUDA event (if any)
+has completed; :meth:`TransferEngine.poll` reports each done ticket once as an :class:`OpResult`.
+A failure (an exception, a block that fails verification, a read of a slot whose write failed, a
+blocking load that missed the forward pass) marks the op failed and is never counted as done.
+
+With a CPU pool (CI) the same threads run plain torch copies; no CUDA is touched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import structlog
+import torch
+
+from kvbm_core.errors import ConfigError
+from kvbm_core.interfaces import StorageTier, TierLevel
+from kvbm_core.layout import BlockLayout
+from kvbm_core.ops import BACKGROUND, LOADS, STORES, Op, OpResult, Route
+from kvbm_core.storage import BlockFileStorage, HostStorage, ReadCheck
+from kvbm_core.worker.copies import BlockCopier, coalesce
+from kvbm_core.worker.hazards import SlotHazards
+
+log = structlog.get_logger("kvbm.worker.engine")
+
+
+class Ticket:
+    """One operation in flight on this rank."""
+
+    def __init__(self, ticket_id: int, op: Op, cuda: bool) -> None:
+        self.id = ticket_id
+        self.op = op
+        self.issued: Future[None] = Future()
+        self.event: torch.cuda.Event | None = None
+        self.timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        self.cuda = cuda
+        self.failed: dict[int, str] = {}
+        self.error = ""
+        self.t_start: float | None = None
+        self.t_end: float | None = None
+        self.pieces_left = 0
+        self.lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------ state
+    def fail(self, positions: Sequence[int] | np.ndarray, reason: str) -> None:
+        with self.lock:
+            for p in np.asarray(positions, dtype=np.int64).tolist():
+                self.failed.setdefault(int(p), reason)
+            if not self.error:
+                self.error = reason
+
+    def fail_all(self, reason: str) -> None:
+        self.fail(np.arange(self.op.num_blocks), reason)
+
+    def started(self) -> None:
+        with self.lock:
+            if self.t_start is None:
+                self.t_start = time.perf_counter()
+
+    def finish_issue(self) -> None:
+        self.t_end = time.perf_counter()
+        if not self.issued.done():
+            self.issued.set_result(None)
+
+    def done(self) -> bool:
+        return self.issued.done() and (self.event is None or self.event.query())
+
+    def ok_mask(self) -> np.ndarray:
+        ok = np.ones(self.op.num_blocks, dtype=bool)
+        ok[list(self.failed)] = False
+        return ok
+
+    def result(self, bytes_per_block: int) -> OpResult:
+        if self.timing is not None:
+            seconds = self.timing[0].elapsed_time(self.timing[1]) / 1e3
+        else:
+            seconds = (self.t_end or 0.0) - (self.t_start or self.t_end or 0.0)
+        ok_blocks = self.op.num_blocks - len(self.failed)
+        return OpResult(
+            op_id=self.op.op_id,
+            ok=not self.failed,
+            num_bytes=ok_blocks * bytes_per_block,
+            seconds=max(seconds, 0.0),
+            error=self.error,
+            failed_blocks=tuple(sorted(self.failed)),
+        )
+
+
+class TransferEngine:
+    """Moves blocks between the KV pool and this rank's tiers (see the module docstring).
+
+    ``pool`` is TRT-LLM's primary pool ``[num_blocks, layers, kv, ...]`` (contiguous), on CUDA in
+    production or on CPU in tests. ``copy_strategy`` is ``auto``, ``batch`` or ``runs``
+    (:mod:`kvbm_core.worker.copies`); ``wait_timeout_s`` bounds every wait of the engine.
+    """
+
+    def __init__(self, pool: torch.Tensor, layout: BlockLayout, tiers: Mapping[TierLevel, StorageTier], *,
+                 rank: int, io_threads: int | None = None, copy_strategy: str = "auto",
+                 wait_timeout_s: float = 120.0) -> None:
+        self.rank = rank
+        self.layout = layout
+        self.bpb = layout.bytes_per_block
+        self.pool = pool.reshape(pool.shape[0], -1).view(torch.uint8)
+        if self.pool.shape[1] != self.bpb:
+            raise ConfigError("register_kv_caches", f"pool rows have {self.pool.shape[1]} bytes, layout says {self.bpb}")
+        self.device = pool.device
+        self.cuda = pool.is_cuda
+        self.wait_timeout_s = wait_timeout_s
+        self.host = tiers.get(TierLevel.HOST)
+        self.disk = tiers.get(TierLevel.DISK)
+        if self.host is not None and not isinstance(self.host, HostStorage):
+            raise ConfigError("tiers", f"host tier {self.host.name!r} does not implement HostStorage")
+        if self.disk is not None and not isinstance(self.disk, BlockFileStorage):
+            raise ConfigError("tiers", f"disk tier {self.disk.name!r} does not implement BlockFileStorage")
+        self._host_hz = SlotHazards(self.host.context.num_slots) if self.host is not None else None
+        self._disk_hz = SlotHazards(self.disk.context.num_slots) if self.disk is not None else None
+        self.copier = BlockCopier(self.device, copy_strategy)
+
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._live: dict[int, Ticket] = {}
+        self._by_request: dict[int, list[Ticket]] = {}
+        self._local = threading.local()
+        self._load_lane = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-load-r{rank}",
+                                             initializer=self._thread_init)
+        self._store_lane = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-store-r{rank}",
+                                              initializer=self._thread_init)
+        threads = io_threads or (self.disk.io_threads if self.disk is not None else 2)
+        self._io = ThreadPoolExecutor(threads, thread_name_prefix=f"kvbm-io-r{rank}", initializer=self._thread_init)
+        self._closed = False
+        log.info("transfer engine ready", rank=rank, device=str(self.device), copies=self.copier.strategy,
+                 host=self.host.name if self.host else None, disk=self.disk.name if self.disk else None,
+                 disk_mode=self.disk.mode if self.disk else None, io_threads=threads)
+
+    # ------------------------------------------------------------------------- public API
+    def start_loads(self, ops: Sequence[Op], stream: torch.cuda.Stream | None, *, blocking: bool) -> None:
+        """Onboard H2D and DISK2D ops. ``blocking``: the compute ``stream`` must see the bytes."""
+        tickets = [self._submit(op, None) for op in ops if self._routed(op, LOADS)]
+        if not blocking:
+            return
+        deadline = time.monotonic() + self.wait_timeout_s
+        compute = stream if stream is not None or not self.cuda else torch.cuda.current_stream(self.device)
+        for t in tickets:
+            try:
+                t.issued.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                t.fail_all(f"blocking load not ready within {self.wait_timeout_s:.0f} s: the forward pass ran without it")
+                log.error("blocking load missed the forward pass", op_id=t.op.op_id, request_id=t.op.request_id)
+                continue
+            if t.event is not None and compute is not None:
+                compute.wait_event(t.event)
+
+    def start_stores(self, ops: Sequence[Op], after: torch.cuda.Event | None) -> None:
+        """Offload D2H and D2DISK ops once ``after`` (the forward-end event) has completed."""
+        for op in ops:
+            if self._routed(op, STORES):
+                self._submit(op, after)
+
+    def start_background(self, ops: Sequence[Op]) -> None:
+        """H2DISK ops, in the I/O thread pool."""
+        for op in ops:
+            if self._routed(op, BACKGROUND):
+                self._submit(op, None)
+
+    def poll(self) -> list[OpResult]:
+        """Operations that completed (ok or failed) since the last poll; never blocks."""
+        with self._lock:
+            tickets = list(self._live.values())
+        finished = [t for t in tickets if t.done()]
+        if not finished:
+            return []
+        with self._lock:
+            for t in finished:
+                self._live.pop(t.id, None)
+                group = self._by_request.get(t.op.request_id)
+                if group is not None:
+                    group.remove(t)
+                    if not group:
+                        del self._by_request[t.op.request_id]
+        return [t.result(self.bpb) for t in finished]
+
+    def pending(self, request_id: int) -> bool:
+        """Whether an operation of ``request_id`` has not completed on this rank."""
+        with self._lock:
+            group = list(self._by_request.get(request_id, ()))
+        return any(not t.done() for t in group)
+
+    def drain(self, timeout: float) -> list[OpResult]:
+        """Wait (at most ``timeout`` seconds) for everything in flight; returns what completed."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            tickets = list(self._live.values())
+        for t in tickets:
+            try:
+                t.issued.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            while t.event is not None and not t.event.query() and time.monotonic() < deadline:
+                time.sleep(0.0005)
+        return self.poll()
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.drain(timeout)
+        for executor in (self._load_lane, self._store_lane, self._io):
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------ submission
+    def _routed(self, op: Op, allowed: frozenset[Route]) -> bool:
+        if op.route not in allowed:
+            raise ValueError(f"operation {op.op_id}: route {op.route.label} does not belong here "
+                             f"(expected one of {sorted(r.label for r in allowed)})")
+        return True
+
+    def _submit(self, op: Op, after: torch.cuda.Event | None) -> Ticket:
+        src = np.asarray(op.src, dtype=np.int64)
+        dst = np.asarray(op.dst, dtype=np.int64)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the transfer engine is closed")
+            ticket = Ticket(self._next_id, op, self.cuda)
+            self._next_id += 1
+            self._live[ticket.id] = ticket
+            self._by_request.setdefault(op.request_id, []).append(ticket)
+            problem = self._check(op, src, dst)
+            deps: list[Ticket] = []
+            if problem is None:
+                deps = [self._live[i] for i in self._register(op.route, src, dst, ticket.id) if i in self._live]
+        if problem is not None:
+            ticket.fail_all(problem)
+            ticket.finish_issue()
+            return ticket
+        if op.num_blocks == 0:
+            ticket.finish_issue()
+            return ticket
+        route = op.route
+        if route == Route.D2H:
+            self._store_lane.submit(self._run_stream, ticket, deps, lambda: self._d2h(ticket, src, dst, after))
+        elif route == Route.H2D:
+            self._load_lane.submit(self._run_stream, ticket, deps, lambda: self._h2d(ticket, src, dst))
+        else:
+            self._when_issued(ticket, deps, lambda: self._run_io(ticket, deps, src, dst, after))
+        return ticket
+
+    def _check(self, op: Op, src: np.ndarray, dst: np.ndarray) -> str | None:
+        need_host = op.route in (Route.D2H, Route.H2D, Route.H2DISK)
+        need_disk = op.route in (Route.H2DISK, Route.DISK2D, Route.D2DISK)
+        if need_host and self.host is None:
+            return f"route {op.route.label} needs a host tier and this rank has none"
+        if need_disk and self.disk is None:
+            return f"route {op.route.label} needs a disk tier and this rank has none"
+        n_dev = self.pool.shape[0]
+        sides = {
+            Route.D2H: ((src, n_dev, "device block"), (dst, self._host_hz, "host slot")),
+            Route.H2D: ((src, self._host_hz, "host slot"), (dst, n_dev, "device block")),
+            Route.H2DISK: ((src, self._host_hz, "host slot"), (dst, self._disk_hz, "disk slot")),
+            Route.DISK2D: ((src, self._disk_hz, "disk slot"), (dst, n_dev, "device block")),
+            Route.D2DISK: ((src, n_dev, "device block"), (dst, self._disk_hz, "disk slot")),
+        }[op.route]
+        for idx, space, what in sides:
+            limit = space if isinstance(space, int) else space.num_slots  # type: ignore[union-attr]
+            if idx.size and (idx.min() < 0 or idx.max() >= limit):
+                return f"{what} index out of range [0, {limit})"
+        if need_disk and len(op.keys) != op.num_blocks:
+            return f"{op.num_blocks} blocks but {len(op.keys)} keys"
+        return None
+
+    def _register(self, route: Route, src: np.ndarray, dst: np.ndarray, tid: int) -> np.ndarray:
+        host, disk = self._host_hz, self._disk_hz
+        if route == Route.D2H:
+            return host.write(dst, tid)  # type: ignore[union-attr]
+        if route == Route.H2D:
+            return host.read(src, tid, stream=True)  # type: ignore[union-attr]
+        if route == Route.H2DISK:
+            return np.union1d(host.read(src, tid, stream=False), disk.write(dst, tid))  # type: ignore[union-attr]
+        if route == Route.DISK2D:
+            return disk.read(src, tid, stream=False)  # type: ignore[union-attr]
+        return disk.write(dst, tid)  # type: ignore[union-attr]
+
+    def _when_issued(self, ticket: Ticket, deps: list[Ticket], start: Callable[[], None]) -> None:
+        """Submit ``start`` to the I/O pool once every dependency is issued (callbacks, no waiting)."""
+        waiting = [d for d in deps if not d.issued.done()]
+        if not waiting:
+            self._io.submit(self._guard, ticket, start)
+            return
+        remaining = [len(waiting)]
+        lock = threading.Lock()
+
+        def one_done(_: Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                self._io.submit(self._guard, ticket, start)
+
+        for d in waiting:
+            d.issued.add_done_callback(one_done)
+
+    def _guard(self, ticket: Ticket, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # one failed op must not stop the worker
+            ticket.fail_all(f"{type(exc).__name__}: {exc}")
+            log.exception("transfer failed", op_id=ticket.op.op_id, route=ticket.op.route.label)
+            ticket.finish_issue()
+
+    # ------------------------------------------------------------------------ execution
+    def _thread_init(self) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+
+    def _stream(self) -> torch.cuda.Stream | None:
+        if not self.cuda:
+            return None
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        return stream
+
+    def _await_deps(self, ticket: Ticket, deps: list[Ticket], stream: torch.cuda.Stream | None) -> bool:
+        """Wait until the dependencies are issued, then order after their GPU work."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        for d in deps:
+            try:
+                d.issued.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                ticket.fail_all(f"waited {self.wait_timeout_s:.0f} s for operation {d.op.op_id} on the same slots")
+                return False
+            if d.event is not None:
+                if stream is not None:
+                    stream.wait_event(d.event)
+                else:
+                    d.event.synchronize()
+        return True
+
+    def _run_stream(self, ticket: Ticket, deps: list[Ticket], body: Callable[[], None]) -> None:
+        stream = self._stream()
+        try:
+            if self._await_deps(ticket, deps, stream):
+                ticket.started()
+                if stream is not None:
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    with torch.cuda.stream(stream):
+                        start.record(stream)
+                        body()
+                        end.record(stream)
+                    ticket.timing = (start, end)
+                    ticket.event = end
+                else:
+                    body()
+        except Exception as exc:
+            ticket.fail_all(f"{type(exc).__name__}: {exc}")
+            log.exception("transfer failed", op_id=ticket.op.op_id, route=ticket.op.route.label)
+        finally:
+            ticket.finish_issue()
+
+    def _d2h(self, ticket: Ticket, src: np.ndarray, dst: np.ndarray, after: torch.cuda.Event | None) -> None:
+        host, hz = self.host, self._host_hz
+        assert isinstance(host, HostStorage) and hz is not None
+        stream = self._stream()
+        if after is not None and stream is not None:
+            stream.wait_event(after)
+        ok = np.zeros(len(dst), dtype=bool)
+        try:
+            self.copier.copy(host.slots, dst, self.pool, src, dst_segment=host.segment_slots, stream=stream)
+            ok[:] = True
+        finally:
+            with self._lock:
+                hz.written(dst, ok)
+
+    def _h2d(self, ticket: Ticket, src: np.ndarray, dst: np.ndarray) -> None:
+        host, hz = self.host, self._host_hz
+        assert isinstance(host, HostStorage) and hz is not None
+        with self._lock:
+            bad = hz.bad(src)
+        if bad.size:
+            ticket.fail(bad, "the host slot's last write failed")
+        keep = np.ones(len(src), dtype=bool)
+        keep[bad] = False
+        self.copier.copy(self.pool, dst[keep], host.slots, src[keep], src_segment=host.segment_slots,
+                         stream=self._stream())
+
+    # ------------------------------------------------------------------------------- I/O
+    def _run_io(self, ticket: Ticket, deps: list[Ticket], src: np.ndarray, dst: np.ndarray,
+                after: torch.cuda.Event | None) -> None:
+        """Runs in an I/O thread once the dependencies are issued; fans out one task per piece."""
+        if not self._await_deps(ticket, deps, None):
+            ticket.finish_issue()
+            return
+        ticket.started()
+        disk = self.disk
+        assert isinstance(disk, BlockFileStorage)
+        route = ticket.op.route
+        keep = np.ones(len(src), dtype=bool)
+        if route == Route.H2DISK:
+            assert self._host_hz is not None
+            with self._lock:
+                bad = self._host_hz.bad(src)
+            if bad.size:
+                ticket.fail(bad, "the host slot's last write failed")
+                keep[bad] = False
+            host = self.host
+            assert isinstance(host, HostStorage)
+            s0, d0, n = coalesce(src[keep], dst[keep], host.segment_slots, 0, disk.io_records)
+            positions = np.flatnonzero(keep)
+            firsts = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+            pieces = [(positions[f:f + k], int(d)) for f, k, d in zip(firsts, n, d0)]
+            work = self._h2disk_piece
+        else:
+            disk_side = src if route == Route.DISK2D else dst
+            _, d0, n = coalesce(disk_side, disk_side, 0, 0, disk.io_records)
+            firsts = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+            order = np.arange(len(disk_side))
+            pieces = [(order[f:f + k], int(d)) for f, k, d in zip(firsts, n, d0)]
+            work = self._disk2d_piece if route == Route.DISK2D else self._d2disk_piece
+        if not pieces:
+            ticket.finish_issue()
+            return
+        ticket.pieces_left = len(pieces)
+        for positions, first_slot in pieces:
+            self._io.submit(self._run_piece, ticket, work, positions, first_slot, src, dst, after)
+
+    def _run_piece(self, ticket: Ticket, work: Callable[..., None], positions: np.ndarray, first_slot: int,
+                   src: np.ndarray, dst: np.ndarray, after: torch.cuda.Event | None) -> None:
+        try:
+            work(ticket, positions, first_slot, src, dst, after)
+        except Exception as exc:
+            ticket.fail(positions, f"{type(exc).__name__}: {exc}")
+            log.warning("transfer piece failed", op_id=ticket.op.op_id, route=ticket.op.route.label,
+                        blocks=len(positions), error=str(exc))
+        finally:
+            with ticket.lock:
+                ticket.pieces_left -= 1
+                last = ticket.pieces_left == 0
+            if last:
+                ticket.finish_issue()
+
+    def _lane(self, lanes) -> int:  # type: ignore[no-untyped-def]
+        return lanes.acquire(timeout=self.wait_timeout_s)
+
+    def _h2disk_piece(self, ticket: Ticket, positions: np.ndarray, first_slot: int, src: np.ndarray,
+                      dst: np.ndarray, after: torch.cuda.Event | None) -> None:
+        disk, host = self.disk, self.host
+        assert isinstance(disk, BlockFileStorage) and isinstance(host, HostStorage)
+        s = int(src[positions[0]])
+        rows = host.slots[s:s + len(positions)]
+        lane = self._lane(disk.lanes)
+        try:
+            disk.write_rows(rows, first_slot, ticket.op.keys[positions], disk.lanes.lane(lane))
+        finally:
+            disk.lanes.release(lane)
+
+    def _d2disk_piece(self, ticket: Ticket, positions: np.ndarray, first_slot: int, src: np.ndarray,
+                      dst: np.ndarray, after: torch.cuda.Event | None) -> None:
+        disk = self.disk
+        assert isinstance(disk, BlockFileStorage)
+        if after is not None:
+            after.synchronize()
+        keys = ticket.op.keys[positions]
+        blocks = src[positions]
+        if disk.device_direct:
+            disk.write_device([self.pool[b] for b in blocks.tolist()], first_slot, keys)
+            return
+        lane_index = self._lane(disk.lanes)
+        try:
+            lane = disk.lanes.lane(lane_index)
+            stream = self._stream()
+            self.copier.copy(disk.data_view(lane, len(blocks)), np.arange(len(blocks)), self.pool, blocks,
+                             stream=stream)
+            if stream is not None:
+                stream.synchronize()
+            disk.write_lane(lane, first_slot, keys)
+        finally:
+            disk.lanes.release(lane_index)
+
+    def _disk2d_piece(self, ticket: Ticket, positions: np.ndarray, first_slot: int, src: np.ndarray,
+                      dst: np.ndarray, after: torch.cuda.Event | None) -> None:
+        disk = self.disk
+        assert isinstance(disk, BlockFileStorage)
+        keys = ticket.op.keys[positions]
+        direct = disk.device_direct and disk.device_lanes is not None
+        lanes = disk.device_lanes if direct else disk.lanes
+        assert lanes is not None
+        lane_index = self._lane(lanes)
+        try:
+            lane = lanes.lane(lane_index)
+            if direct:
+                check = disk.read_device(lane, first_slot, keys)
+                staged = lane[: len(keys)]
+            else:
+                check = disk.read_lane(lane, first_slot, keys)
+                staged = disk.data_view(lane, len(keys))
+            self._note_check(ticket, positions, check)
+            good = np.flatnonzero(check.ok)
+            stream = self._stream()
+            self.copier.copy(self.pool, dst[positions[good]], staged, good, stream=stream)
+            if stream is not None:
+                stream.synchronize()
+        finally:
+            lanes.release(lane_index)
+
+    @staticmethod
+    def _note_check(ticket: Ticket, positions: np.ndarray, check: ReadCheck) -> None:
+        for i, reason in check.reasons.items():
+            ticket.fail([positions[i]], reason)
+        if check.reasons:
+            log.warning("blocks failed verification and were not loaded", op_id=ticket.op.op_id,
+                        blocks=len(check.reasons), first=next(iter(check.reasons.values())))
