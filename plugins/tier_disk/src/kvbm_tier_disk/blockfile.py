@@ -121,6 +121,8 @@ def open_block_file(directory: str, stem: str, size: int, *, zerofill_fallback: 
                                   zerofill_fallback=zerofill_fallback)
         fd, direct = _open_io(path, lock_fd, disable_o_direct)
     except BaseException:
+        if os.fstat(lock_fd).st_size == 0:
+            _discard(path, lock_fd)  # an empty file this attempt created: leave nothing behind
         os.close(lock_fd)
         raise
     return BlockFile(path, size, lock_fd, fd, direct, fresh or zerofilled)
@@ -166,6 +168,8 @@ def _lock_instance(directory: str, stem: str) -> tuple[str, int]:
 
 def _check_free_space(path: str, directory: str, size: int, allocated: int) -> None:
     vfs = os.statvfs(directory)
+    if vfs.f_blocks == 0:
+        return  # the filesystem reports no size (ramfs): nothing to check against
     free = vfs.f_bavail * vfs.f_frsize
     needed = size - min(allocated, size)
     if needed > free:

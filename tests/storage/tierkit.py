@@ -1,0 +1,26 @@
+"""Tier contexts for tests: a small layout, one with padding, and a context builder on a real directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvbm_core.interfaces import TierContext
+from kvbm_core.layout import BlockLayout
+from kvbm_core.settings.model import DiskSettings, KvbmSettings, TierSpec
+
+NAMESPACE = bytes(range(16))
+LAYOUT = BlockLayout(num_layers=2, kv_factor=2, elems_per_block=1024, dtype="bfloat16", tokens_per_block=16)
+# 2 x 2 x 1000 x 2 = 8000 bytes: not a multiple of 4096, so records carry padding and writes bounce.
+ODD_LAYOUT = BlockLayout(num_layers=2, kv_factor=2, elems_per_block=1000, dtype="bfloat16", tokens_per_block=16)
+
+
+def make_context(kind: str, num_slots: int, directory: str | Path = "/tmp", *, layout: BlockLayout = LAYOUT,
+                 namespace: bytes = NAMESPACE, rank: int = 0, world_size: int = 1,
+                 capacity_gb: float | None = None, zerofill: bool = False, disable_o_direct: bool = False,
+                 options: dict | None = None) -> TierContext:
+    spec = TierSpec(kind=kind, capacity_gb=capacity_gb, num_blocks=None if capacity_gb else num_slots,
+                    options=options if options is not None else ({"io_mb": 1, "io_threads": 2} if kind != "cpu" else {}))
+    settings = KvbmSettings(disk=DiskSettings(directory=str(directory), zerofill_fallback=zerofill,
+                                              disable_o_direct=disable_o_direct))
+    return TierContext(spec=spec, layout=layout, num_slots=num_slots, rank=rank, world_size=world_size,
+                       namespace=namespace, device=None, settings=settings)
