@@ -1,0 +1,442 @@
+"""kvbm's TensorRT-LLM KV cache connector: ``connector_module: kvbm_core.trtllm.connector``.
+
+Two classes, as TRT-LLM's PyTorch backend expects (``kv_connector_config``):
+
+- :class:`KvbmConnectorLeader` (scheduler side, rank 0 only) turns engine callbacks into calls on
+  the :class:`~kvbm_core.leader.BlockManager` and returns its :class:`~kvbm_core.ops.StepOps` as
+  the per-step metadata (small, picklable: TRT-LLM broadcasts it to every rank).
+- :class:`KvbmConnectorWorker` (every rank) executes those operations on the rank's KV pool through
+  the :class:`~kvbm_core.worker.TransferEngine`.
+
+``DynamoKVBMConnectorLeader`` / ``DynamoKVBMConnectorWorker`` are aliases, so the seed guide's YAML
+works by changing only ``connector_module``.
+
+Choices (documented for users in the README):
+
+- **Loads.** Host-only matches load synchronously: ``start_load_kv`` queues the host -> device
+  copies on a load stream and makes the compute stream wait on them (no host sync). Matches that
+  touch the disk tier load asynchronously (``(n, True)``): the engine parks the request while disk
+  reads are verified and copied, and ``get_finished`` hands it back when every rank has it.
+- **Stores** start after the forward pass wrote the KV: on the forward-pass callable (an event
+  recorded on the compute stream), or in ``wait_for_save`` where the engine has no callable. They
+  never block the forward path; ``request_finished`` returns True while they may be in flight.
+- **A failed load** of a promised block is never reported as loaded. TRT-LLM 1.2 has no way to take
+  back promised tokens, so the worker raises :class:`~kvbm_core.errors.KvbmLoadError` naming the
+  request from ``get_finished``: the engine fails it with a clear error instead of generating from
+  bad KV. The leader drops the bad slots, so the next request with that prefix recomputes it.
+- **Unsupported engine settings**: pipeline parallelism and block reuse off are configuration
+  errors; partial reuse on is logged once (non-aligned device matches then match nothing);
+  multimodal and generation-only requests are left alone (no match, no offload), with a log line.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from kvbm_core.channel import TierAllocation, WorkerConfig, channel_for, release_channel
+from kvbm_core.errors import ConfigError, KvbmLoadError
+from kvbm_core.interfaces import TierLevel
+from kvbm_core.layout import BlockLayout
+from kvbm_core.ops import BACKGROUND, LOADS, STORES, NO_REQUEST, Route, StepOps
+from kvbm_core.registry import default_registry
+from kvbm_core.settings import KvbmSettings, resolve_settings
+from kvbm_core.trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker, SchedulerOutput
+
+log = structlog.get_logger("kvbm.connector")
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    """What ``kvbm_pipeline_built`` subscribers see: the settings and the tiers as sized."""
+
+    settings: KvbmSettings
+    tiers: tuple[TierAllocation, ...]
+    layout: BlockLayout
+    world_size: int
+
+
+def _mapping(llm_args: Any) -> Any:
+    parallel = getattr(llm_args, "parallel_config", None)
+    return parallel.to_mapping() if parallel is not None and hasattr(parallel, "to_mapping") else None
+
+
+def _tokens_per_block(llm_args: Any) -> int:
+    return int(getattr(llm_args.kv_cache_config, "tokens_per_block", None) or 32)
+
+
+def _world_size(llm_args: Any) -> int:
+    mapping = _mapping(llm_args)
+    if mapping is not None:
+        return int(getattr(mapping, "tp_size", None) or getattr(mapping, "world_size", 1))
+    return int(getattr(llm_args, "tensor_parallel_size", 1) or 1)
+
+
+def _rank(llm_args: Any) -> int:
+    mapping = _mapping(llm_args)
+    return int(getattr(mapping, "rank", 0) or 0) if mapping is not None else 0
+
+
+def _check_engine_settings(llm_args: Any) -> None:
+    """Reject what kvbm cannot serve correctly; log what only costs hits."""
+    kv = llm_args.kv_cache_config
+    if getattr(kv, "enable_block_reuse", True) is False:
+        raise ConfigError(
+            "kv_cache_config.enable_block_reuse",
+            "kvbm needs block reuse: without it TRT-LLM never asks the connector for matches",
+            ["true"],
+        )
+    mapping = _mapping(llm_args)
+    pp = int(getattr(mapping, "pp_size", 1) or 1) if mapping is not None else 1
+    if pp > 1:
+        raise ConfigError("pipeline_parallel_size", f"kvbm does not support pipeline parallelism (got {pp})", ["1"])
+    if getattr(kv, "enable_partial_reuse", False):
+        log.warning(
+            "partial reuse is on: device matches that end inside a block get no kvbm match; "
+            "set kv_cache_config.enable_partial_reuse: false"
+        )
+    if getattr(kv, "host_cache_size", None):
+        raise ConfigError(
+            "kv_cache_config.host_cache_size",
+            "TRT-LLM's own host offload and a KV connector together can serve wrong KV",
+            ["unset or 0 (kvbm provides the host tier)"],
+        )
+
+
+def _model_id(llm_args: Any) -> str:
+    return str(getattr(llm_args, "model", "") or "")
+
+
+# ------------------------------------------------------------------------------------ leader
+class KvbmConnectorLeader(KvCacheConnectorScheduler):
+    """Scheduler side (rank 0): matching, slot bookkeeping and per-step operations."""
+
+    def __init__(self, llm_args: Any):
+        super().__init__(llm_args)
+        _check_engine_settings(llm_args)
+        self._registry = default_registry()
+        self._resolved = resolve_settings(registry=self._registry)
+        settings = self._resolved.settings
+        if not settings.tiers:
+            raise ConfigError(
+                "DYN_KVBM_CPU_CACHE_GB",
+                "no kvbm tier is configured",
+                ["DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_PROFILE"],
+            )
+        self._tokens_per_block = _tokens_per_block(llm_args)
+        self._world_size = _world_size(llm_args)
+        self._manager: Any = None
+        self._pipeline: PipelineInfo | None = None
+        self._ready = threading.Event()
+        self._bypass: set[int] = set()
+        self._channel = channel_for(llm_args)
+        self._channel.leader = self
+        self._closed = False
+        atexit.register(_close_weakly, weakref.ref(self))
+        log.info("kvbm leader created", profile=self._resolved.profile, tiers=[t.kind for t in settings.tiers])
+
+    # -- the in-process endpoint rank 0's worker talks to ------------------------------------
+    def on_worker_layout(self, rank: int, layout: BlockLayout, num_device_blocks: int) -> WorkerConfig:
+        if layout.tokens_per_block != self._tokens_per_block:
+            raise ConfigError(
+                "kv_cache_config.tokens_per_block",
+                f"worker reports {layout.tokens_per_block}, leader expects {self._tokens_per_block}",
+            )
+        if self._manager is None:
+            from kvbm_core.leader import BlockManager
+
+            self._manager = BlockManager(
+                self._resolved.settings,
+                layout,
+                world_size=self._world_size,
+                model_id=_model_id(self._llm_args),
+                registry=self._registry,
+            )
+            config = self._manager.worker_config
+            self._pipeline = PipelineInfo(self._resolved.settings, config.tiers, layout, self._world_size)
+            self._registry.notify("kvbm_pipeline_built", pipeline=self._pipeline)
+            self._ready.set()
+            log.info(
+                "kvbm pipeline built",
+                tiers={t.kind: t.num_slots for t in config.tiers},
+                bytes_per_block=layout.bytes_per_block,
+                device_blocks=num_device_blocks,
+            )
+        return self._manager.worker_config
+
+    def on_recovered(self, kind: str, slots: np.ndarray, keys: np.ndarray) -> None:
+        if len(slots):
+            self._manager.recovered(kind, slots, keys)
+            log.info("disk blocks recovered from a previous run", tier=kind, blocks=int(len(slots)))
+
+    def on_results(self, results: list) -> None:
+        self._manager.apply_results(results)
+
+    # -- TRT-LLM scheduler API ---------------------------------------------------------------
+    def _block_manager(self) -> Any:
+        if self._manager is None:
+            timeout = self._resolved.settings.leader_worker_init_timeout_secs
+            if not self._ready.wait(timeout):
+                raise TimeoutError(
+                    f"kvbm workers did not register their KV pool within {timeout:g} s "
+                    "(DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS)"
+                )
+        self._manager.apply_results(self._channel.drain())
+        return self._manager
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        request_id = int(request.request_id)
+        if getattr(request, "is_generation_only_request", False) or getattr(request, "multimodal_positions", None):
+            self._bypass.add(request_id)
+            log.info("request left to the engine (multimodal or generation-only)", request_id=request_id)
+            return 0, False
+        manager = self._block_manager()
+        match = manager.match(
+            request_id,
+            list(request.get_tokens(0)),
+            int(num_computed_tokens),
+            cache_salt=getattr(request, "cache_salt", None),
+        )
+        if match.num_tokens <= 0:
+            return 0, False
+        return int(match.num_tokens), bool(match.load_async)
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
+        request_id = int(request.request_id)
+        if request_id not in self._bypass:
+            self._block_manager().allocated(request_id, list(block_ids))
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> StepOps:
+        manager = self._block_manager()
+        bypass = self._bypass
+        new = [r for r in scheduler_output.new_requests if r.request_id not in bypass]
+        cached = [r for r in scheduler_output.cached_requests if r.request_id not in bypass]
+        return manager.schedule(new, cached)
+
+    def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
+        request_id = int(request.request_id)
+        if request_id in self._bypass:
+            self._bypass.discard(request_id)
+            return False
+        if self._manager is None:
+            return False
+        return bool(self._block_manager().finish(request_id))
+
+    # -- shutdown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the pipeline's subscribers (metrics server). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pipeline is not None:
+            self._registry.notify("kvbm_pipeline_closed", pipeline=self._pipeline)
+        if self._channel.leader is self:
+            self._channel.leader = None
+        release_channel(self._llm_args)
+
+
+# ------------------------------------------------------------------------------------ worker
+class KvbmConnectorWorker(KvCacheConnectorWorker):
+    """Every rank: executes the leader's operations on this rank's KV pool."""
+
+    def __init__(self, llm_args: Any):
+        super().__init__(llm_args)
+        self._rank = _rank(llm_args)
+        self._tokens_per_block = _tokens_per_block(llm_args)
+        self._channel = channel_for(llm_args)
+        self._registry = default_registry()
+        self._pool: torch.Tensor | None = None
+        self._layout: BlockLayout | None = None
+        self._engine: Any = None
+        self._tiers: dict[TierLevel, Any] = {}
+        self._stores_started_for = -1
+        self._background_started_for = -1
+        self._loads_started_for = -1
+        self._saving: set[int] = set()
+        self._loading: set[int] = set()
+        self._failed_loads: dict[int, str] = {}
+        self._load_request: dict[int, int] = {}  # load op id -> request id, until its result
+        self._closed = False
+        atexit.register(_close_weakly, weakref.ref(self))
+
+    # -- setup --------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_cache_tensor: torch.Tensor) -> None:
+        if self._pool is not None:
+            raise RuntimeError("register_kv_caches called twice on one worker")
+        self._pool = kv_cache_tensor
+        self._layout = BlockLayout.from_pool(kv_cache_tensor, self._tokens_per_block)
+        leader = self._channel.leader
+        if leader is not None:
+            self._setup(leader.on_worker_layout(self._rank, self._layout, int(kv_cache_tensor.shape[0])))
+        # Otherwise (a rank in another process) the config arrives with the first step's metadata.
+
+    def _setup(self, config: WorkerConfig) -> None:
+        from kvbm_core.worker import TransferEngine, build_tiers
+
+        assert self._pool is not None and self._layout is not None
+        device = self._pool.device if self._pool.is_cuda else None
+        self._tiers = build_tiers(config, self._layout, self._rank, device, self._registry)
+        self._engine = TransferEngine(self._pool, self._layout, self._tiers, rank=self._rank)
+        leader = self._channel.leader
+        if leader is not None and self._rank == 0:
+            for allocation in config.tiers:
+                tier = self._tiers.get(allocation.level)
+                recovered = getattr(tier, "recovered", None)
+                if recovered is not None:
+                    leader.on_recovered(allocation.kind, *recovered())
+        log.info("kvbm worker ready", rank=self._rank, tiers=[t.kind for t in config.tiers])
+
+    def bind_connector_meta(self, metadata: object) -> None:
+        super().bind_connector_meta(metadata)
+        if not isinstance(metadata, StepOps):
+            return
+        if self._engine is None:
+            if metadata.worker_config is None:
+                if len(metadata):
+                    raise RuntimeError(f"rank {self._rank} got operations before the kvbm worker config")
+                return
+            self._setup(metadata.worker_config)
+        load_routes = {int(r) for r in LOADS}
+        for op_id, request_id, route in zip(
+            metadata.op_ids.tolist(), metadata.request_ids.tolist(), metadata.routes.tolist()
+        ):
+            if request_id != NO_REQUEST and route in load_routes:
+                self._load_request[op_id] = request_id
+
+    def _current_ops(self) -> StepOps | None:
+        meta = self._metadata
+        return meta if isinstance(meta, StepOps) and self._engine is not None else None
+
+    # -- loads ---------------------------------------------------------------------------------
+    def start_load_kv(self, stream: torch.cuda.Stream) -> None:
+        ops = self._current_ops()
+        if ops is None or ops.step == self._loads_started_for:
+            return
+        self._loads_started_for = ops.step
+        loads = ops.select(LOADS)
+        if not loads:
+            return
+        compute = stream if self._pool is not None and self._pool.is_cuda else None
+        host = [op for op in loads if op.route == Route.H2D]
+        disk = [op for op in loads if op.route == Route.DISK2D]
+        if host:
+            self._engine.start_loads(host, compute, blocking=True)
+        if disk:
+            self._engine.start_loads(disk, compute, blocking=False)
+
+    def wait_for_layer_load(self, layer_idx: int, stream: torch.cuda.Stream) -> None:
+        """Nothing to do: ``start_load_kv`` already made the compute stream wait on whole-block loads."""
+
+    def save_kv_layer(self, layer_idx: int, stream: torch.cuda.Stream) -> None:
+        """Nothing to do: stores start once the whole forward pass is done (CUDA-graph safe)."""
+
+    # -- stores --------------------------------------------------------------------------------
+    def register_forward_pass_callable(self) -> Callable[[], None]:
+        return self._on_forward_pass_done
+
+    def _on_forward_pass_done(self) -> None:
+        self._start_stores(torch.cuda.current_stream() if self._pool is not None and self._pool.is_cuda else None)
+
+    def wait_for_save(self, stream: torch.cuda.Stream) -> None:
+        self._start_stores(stream if self._pool is not None and self._pool.is_cuda else None)
+
+    def _start_stores(self, stream: torch.cuda.Stream | None) -> None:
+        ops = self._current_ops()
+        if ops is None or ops.step == self._stores_started_for:
+            return
+        self._stores_started_for = ops.step
+        stores = ops.select(STORES)
+        if stores:
+            after = None
+            if stream is not None:
+                after = torch.cuda.Event()
+                after.record(stream)
+            self._engine.start_stores(stores, after)
+        self._start_background()
+
+    def _start_background(self) -> None:
+        """Host -> disk moves of this step. They run after this step's stores were queued (so the
+        engine orders them behind any store into the same host slot), and also on iterations with
+        no forward pass, where ``get_finished`` is the only call that comes."""
+        ops = self._current_ops()
+        if ops is None or ops.step == self._background_started_for:
+            return
+        self._background_started_for = ops.step
+        background = ops.select(BACKGROUND)
+        if background:
+            self._engine.start_background(background)
+
+    # -- completion ----------------------------------------------------------------------------
+    def get_finished(
+        self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
+    ) -> tuple[list[int], list[int]]:
+        self._saving.update(int(r) for r in finished_gen_req_ids)
+        self._loading.update(int(r) for r in started_loading_req_ids)
+        if self._engine is None:
+            done_saving, self._saving = sorted(self._saving), set()
+            return done_saving, []
+        self._start_background()
+        self._collect_results()
+        if self._failed_loads:
+            failed = dict(self._failed_loads)
+            self._failed_loads.clear()
+            self._loading.difference_update(failed)
+            raise KvbmLoadError(failed, "; ".join(sorted(set(failed.values()))))
+        done_saving = sorted(r for r in self._saving if not self._engine.pending(r))
+        done_loading = sorted(r for r in self._loading if not self._engine.pending(r))
+        self._saving.difference_update(done_saving)
+        self._loading.difference_update(done_loading)
+        return done_saving, done_loading
+
+    def _collect_results(self) -> None:
+        results = self._engine.poll()
+        if not results:
+            return
+        if self._rank == 0:
+            self._channel.report(results)
+        for result in results:
+            request_id = self._load_request.pop(result.op_id, NO_REQUEST)
+            if not result.ok and request_id != NO_REQUEST:
+                self._failed_loads[request_id] = f"load operation {result.op_id} failed: {result.error}"
+
+    # -- shutdown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Drain in-flight operations (bounded) and release tier storage. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._engine is not None:
+            if self._rank == 0:
+                self._channel.report(self._engine.drain(timeout=30.0))
+            self._engine.close()
+        for tier in self._tiers.values():
+            tier.close()
+
+
+def _close_weakly(ref: "weakref.ref[Any]") -> None:
+    obj = ref()
+    if obj is not None:
+        try:
+            obj.close()
+        except Exception:  # at interpreter exit, never turn a clean shutdown into a crash
+            log.exception("kvbm close at exit failed")
+
+
+DynamoKVBMConnectorLeader = KvbmConnectorLeader
+DynamoKVBMConnectorWorker = KvbmConnectorWorker
+
+__all__ = [
+    "DynamoKVBMConnectorLeader",
+    "DynamoKVBMConnectorWorker",
+    "KvbmConnectorLeader",
+    "KvbmConnectorWorker",
+    "PipelineInfo",
+]
