@@ -6,3 +6,7 @@ rank) move the bytes. Storage tiers, policies and transports are plugins found t
 """
 
 __version__ = "0.1.0"
+
+from kvbm_core.hookspecs import hookimpl  # noqa: E402  (what plugins decorate their hooks with)
+
+__all__ = ["__version__", "hookimpl"]

@@ -23,7 +23,7 @@ from kvbm_core.interfaces import CheckResult, Transport
 from kvbm_core.logging import get_logger
 from kvbm_core.settings.model import KvbmSettings
 from kvbm_core.transports.loop import BackgroundLoop
-from kvbm_core.transports.options import parse_options, split_address
+from kvbm_core.transports.options import parse_options, reason, split_address
 
 DEFAULT_PORT = 2379
 log = get_logger("kvbm.transport.etcd")
@@ -111,7 +111,7 @@ class EtcdTransport(Transport):
                 version = asyncio.run(_probe(endpoint, options.timeout_s))
                 rows.append(CheckResult(f"etcd {endpoint}", "pass", f"reachable, etcd {version}"))
             except Exception as exc:
-                rows.append(CheckResult(f"etcd {endpoint}", "fail", f"unreachable: {_reason(exc)}"))
+                rows.append(CheckResult(f"etcd {endpoint}", "fail", f"unreachable: {reason(exc)}"))
         return rows
 
     # ---------------------------------------------------------------------------- internals
@@ -122,7 +122,7 @@ class EtcdTransport(Transport):
         try:
             return self._loop.run(coro, self.options.timeout_s)
         except Exception as exc:
-            raise TransportError("etcd", self.endpoint, f"{what} failed: {_reason(exc)}") from exc
+            raise TransportError("etcd", self.endpoint, f"{what} failed: {reason(exc)}") from exc
 
     async def _connect(self) -> tuple[Any, str]:
         failures = []
@@ -131,7 +131,7 @@ class EtcdTransport(Transport):
                 client, _ = await _open(endpoint, self.options.timeout_s)
                 return client, endpoint
             except Exception as exc:
-                failures.append(f"{endpoint}: {_reason(exc)}")
+                failures.append(f"{endpoint}: {reason(exc)}")
         raise TransportError("etcd", ", ".join(self.options.endpoints), "no endpoint answered (" + "; ".join(failures) + ")")
 
 
@@ -156,10 +156,3 @@ async def _probe(endpoint: str, timeout_s: float) -> str:
     client, version = await _open(endpoint, timeout_s)
     await client.close()
     return version
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "timed out"
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -24,7 +24,7 @@ from kvbm_core.interfaces import CheckResult, Transport
 from kvbm_core.logging import get_logger
 from kvbm_core.settings.model import KvbmSettings
 from kvbm_core.transports.loop import BackgroundLoop
-from kvbm_core.transports.options import parse_options, split_address
+from kvbm_core.transports.options import parse_options, reason, split_address
 
 DEFAULT_PORT = 4222
 log = get_logger("kvbm.transport.nats")
@@ -88,7 +88,7 @@ class NatsTransport(Transport):
             raise
         except Exception as exc:
             self._loop.stop()
-            raise TransportError("nats", servers, f"cannot connect: {_reason(exc)}") from exc
+            raise TransportError("nats", servers, f"cannot connect: {reason(exc)}") from exc
         log.debug("nats connected", server=self.server)
 
     @classmethod
@@ -127,7 +127,7 @@ class NatsTransport(Transport):
         try:
             self._loop.run(self._nc.close(), self.options.timeout_s)
         except Exception as exc:  # closing a dead connection must not stop shutdown
-            log.warning("nats close failed", server=self.server, error=_reason(exc))
+            log.warning("nats close failed", server=self.server, error=reason(exc))
         finally:
             self._loop.stop()
 
@@ -142,7 +142,7 @@ class NatsTransport(Transport):
                 version = asyncio.run(_probe(single))
                 rows.append(CheckResult(f"nats {server}", "pass", f"reachable, nats-server {version}"))
             except Exception as exc:
-                rows.append(CheckResult(f"nats {server}", "fail", f"unreachable: {_reason(exc)}"))
+                rows.append(CheckResult(f"nats {server}", "fail", f"unreachable: {reason(exc)}"))
         return rows
 
     # ---------------------------------------------------------------------------- internals
@@ -155,7 +155,7 @@ class NatsTransport(Transport):
         try:
             return self._loop.run(coro, self.options.timeout_s)
         except Exception as exc:
-            raise TransportError("nats", self.server, f"{what} failed: {_reason(exc)}") from exc
+            raise TransportError("nats", self.server, f"{what} failed: {reason(exc)}") from exc
 
 
 async def _connect(options: NatsOptions, errors: list[str], long_lived: bool) -> Any:
@@ -170,9 +170,9 @@ async def _connect(options: NatsOptions, errors: list[str], long_lived: bool) ->
         raise TransportError("nats", ", ".join(options.servers), "the nats-py package is not installed (pip install 'kvbm-core[cluster]')") from None
 
     async def on_error(exc: Exception) -> None:
-        errors.append(_reason(exc))
+        errors.append(reason(exc))
         if long_lived:
-            log.warning("nats connection error", error=_reason(exc))
+            log.warning("nats connection error", error=reason(exc))
 
     return await nats.connect(
         servers=list(options.servers),
@@ -190,16 +190,9 @@ async def _probe(options: NatsOptions) -> str:
     try:
         nc = await asyncio.wait_for(_connect(options, errors, long_lived=False), options.timeout_s)
     except Exception as exc:
-        raise ConnectionError(errors[-1] if errors else _reason(exc)) from exc
+        raise ConnectionError(errors[-1] if errors else reason(exc)) from exc
     try:
         v = nc.connected_server_version
         return f"{v.major}.{v.minor}.{v.patch}"
     finally:
         await nc.close()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "timed out"
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -1,4 +1,5 @@
-"""Validation of ``transport_options.<name>`` and of server addresses, shared by the transports.
+"""Validation of ``transport_options.<name>`` and of server addresses, and the one-line reason of a
+connection failure, shared by the transports.
 
 A bad option is a :class:`~kvbm_core.errors.ConfigError` naming ``transport_options.<name>.<key>``
 and the accepted values, raised by ``resolve_settings`` (through ``validate_options``) before any
@@ -7,6 +8,9 @@ connection is tried.
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -42,3 +46,13 @@ def split_address(address: str, schemes: tuple[str, ...], default_port: int) -> 
     if not parts.hostname or parts.path not in ("", "/"):
         raise ValueError(f"{address!r}: expected {schemes[0]}://HOST:PORT")
     return parts.hostname, port
+
+
+def reason(exc: BaseException) -> str:
+    """A short human reason: ``timed out``, ``Connection refused (…)``, or the error's first line."""
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return f"{os.strerror(exc.errno)} ({exc.strerror})" if exc.strerror else os.strerror(exc.errno)
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,165 @@
+"""``kvbm doctor`` on this machine: real files in a temporary directory, real servers, exit codes
+that agree with the printed table."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import yaml
+
+from kvbm_core import hookimpl
+from kvbm_core.cli import doctor, machine
+from kvbm_core.interfaces import CheckResult, StorageTier, TierLevel
+from kvbm_core.registry import Registry
+from kvbm_core.settings import KvbmSettings, TierSpec, resolve_settings
+
+
+def table(stdout: str) -> list[tuple[str, str]]:
+    """(check, STATUS) rows of the printed table."""
+    lines = stdout.splitlines()
+    header = lines[0]
+    status_at, detail_at = header.index("STATUS"), header.index("DETAIL")
+    rows = []
+    for line in lines[1:]:
+        if not line.strip():
+            break
+        rows.append((line[:status_at].strip(), line[status_at:detail_at].strip()))
+    return rows
+
+
+def test_doctor_with_a_disk_profile_in_a_temp_dir(run_kvbm, tmp_path):
+    env = {"DYN_KVBM_PROFILE": "disk_only", "DYN_KVBM_DISK_CACHE_DIR": str(tmp_path), "DYN_KVBM_DISK_CACHE_GB": "0.01"}
+    proc = run_kvbm("doctor", env=env)
+    assert proc.returncode in (0, 1), proc.stderr
+    rows = table(proc.stdout)
+    statuses = {s for _, s in rows}
+    assert statuses <= {"PASS", "WARN", "FAIL"}
+    assert proc.returncode == (1 if "FAIL" in statuses else 0), proc.stdout
+    names = dict(rows)
+    assert names["configuration"] == "PASS"
+    assert names[f"disk dir {tmp_path}"] == "PASS"
+    assert names["disk free space"] == "PASS"
+    assert {"cuda", "O_DIRECT", "fallocate"} <= names.keys()
+    assert "pass," in proc.stdout.splitlines()[-1]
+    assert list(tmp_path.iterdir()) == [], "doctor leaves no probe files behind"
+
+    as_json = json.loads(run_kvbm("doctor", "--json", env=env).stdout)
+    assert as_json["exit_code"] == proc.returncode
+    assert [(c["name"], c["status"].upper()) for c in as_json["checks"]] == rows
+
+
+def test_doctor_fails_when_the_disk_cannot_hold_the_capacity(run_kvbm, tmp_path):
+    proc = run_kvbm("doctor", "--json", env={"DYN_KVBM_DISK_CACHE_DIR": str(tmp_path), "DYN_KVBM_DISK_CACHE_GB": "1e9"})
+    assert proc.returncode == 1
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert checks["disk free space"]["status"] == "fail" and "1000000000.0 GB" in checks["disk free space"]["detail"]
+
+
+def test_doctor_fails_for_a_missing_directory(run_kvbm, tmp_path):
+    missing = tmp_path / "absent"
+    proc = run_kvbm("doctor", env={"DYN_KVBM_DISK_CACHE_DIR": str(missing), "DYN_KVBM_DISK_CACHE_GB": "1"})
+    assert proc.returncode == 1
+    assert (f"disk dir {missing}", "FAIL") in table(proc.stdout)
+
+
+def test_doctor_with_a_bad_setting_exits_2(run_kvbm):
+    proc = run_kvbm("doctor", env={"DYN_KVBM_DISK_CACHE_GB": "eight"})
+    assert proc.returncode == 2
+    assert proc.stdout == "" and "DYN_KVBM_DISK_CACHE_GB" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_doctor_checks_cluster_servers(run_kvbm, tmp_path, cluster_servers):
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text(
+        yaml.safe_dump({"tiers": [{"kind": "cpu", "capacity_gb": 0.01}], "transports": ["inproc", "etcd", "nats"], "transport_options": cluster_servers.transport_options})
+    )
+    up = run_kvbm("doctor", "--json", "--profile", str(profile))
+    checks = {c["name"]: c["status"] for c in json.loads(up.stdout)["checks"]}
+    assert checks[f"etcd {cluster_servers.etcd.url}"] == "pass"
+    assert checks[f"nats {cluster_servers.nats.url}"] == "pass"
+    assert up.returncode == (1 if "fail" in checks.values() else 0)
+
+    cluster_servers.etcd.stop()
+    cluster_servers.nats.stop()
+    down = run_kvbm("doctor", "--json", "--profile", str(profile))
+    checks = {c["name"]: c["status"] for c in json.loads(down.stdout)["checks"]}
+    assert checks[f"etcd {cluster_servers.etcd.url}"] == "fail"
+    assert checks[f"nats {cluster_servers.nats.url}"] == "fail"
+    assert down.returncode == 1
+
+
+# ------------------------------------------------------------------------- checks in-process
+def test_generic_disk_checks_on_a_real_directory(tmp_path):
+    spec = TierSpec(kind="disk", capacity_gb=0.001)
+    rows = {r.name: r for r in machine.disk(spec, KvbmSettings(disk={"directory": str(tmp_path)}))}
+    assert rows[f"disk dir {tmp_path}"].status == "pass"
+    assert rows["disk free space"].status == "pass"
+    # What O_DIRECT and fallocate report must agree with what the filesystem does.
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_RDWR | os.O_DIRECT))
+        direct_ok = True
+    except OSError:
+        direct_ok = False
+    assert (rows["O_DIRECT"].status == "pass") == direct_ok
+    fd = os.open(probe, os.O_RDWR)
+    try:
+        fallocate_ok = machine._fallocate_errno(fd, 4096) == 0
+        if fallocate_ok:
+            assert os.fstat(fd).st_blocks > 0, "fallocate reported success: the blocks are allocated"
+    finally:
+        os.close(fd)
+    assert (rows["fallocate"].status == "pass") == fallocate_ok
+    assert list(p.name for p in tmp_path.iterdir()) == ["probe"]
+
+
+def test_blocks_only_disk_tier_and_unwritable_directory(tmp_path):
+    rows = {r.name: r for r in machine.disk(TierSpec(kind="disk", num_blocks=10), KvbmSettings(disk={"directory": str(tmp_path)}))}
+    assert rows["disk free space"].status == "pass" and "10 blocks" in rows["disk free space"].detail
+    file_not_dir = tmp_path / "file"
+    file_not_dir.write_text("x")
+    (row,) = machine.disk(TierSpec(kind="disk", capacity_gb=1), KvbmSettings(disk={"directory": str(file_not_dir)}))
+    assert row.status == "fail"
+
+
+class FragileTier(StorageTier):
+    name = "fragile"
+    level = TierLevel.HOST
+
+    @classmethod
+    def diagnose(cls, spec, settings):
+        raise RuntimeError("probe crashed")
+
+    def close(self) -> None:
+        pass
+
+
+class HonestTier(FragileTier):
+    name = "honest"
+
+    @classmethod
+    def diagnose(cls, spec, settings):
+        return [CheckResult("honest tier", "warn", f"{spec.capacity_gb} GB is small")]
+
+
+def test_tier_diagnose_rows_and_a_raising_diagnose_is_one_failed_row(tmp_path):
+    registry = Registry(load_entry_points=False)
+    module = types.ModuleType("kvbm_fragile")
+    module.kvbm_tier_types = hookimpl(lambda: [FragileTier, HonestTier])
+    module.kvbm_tier_types.__name__ = "kvbm_tier_types"
+    registry.register(module, "fragile", "kvbm-fragile", "1")
+    registry.register(__import__("kvbm_core.builtin", fromlist=["_"]), "core", "kvbm-core", "0.1.0")
+
+    for kind, expected in (("fragile", ("fail", "kvbm-fragile")), ("honest", ("warn", "0.5 GB is small"))):
+        profile = tmp_path / f"{kind}.yaml"
+        profile.write_text(yaml.safe_dump({"tiers": [{"kind": kind, "capacity_gb": 0.5}]}))
+        rows = doctor.diagnose(resolve_settings({"DYN_KVBM_PROFILE": str(profile)}, registry=registry), registry)
+        plugin_rows = [r for r in rows if kind in r.name]
+        assert len(plugin_rows) == 1
+        assert plugin_rows[0].status == expected[0] and expected[1] in plugin_rows[0].detail
+        assert doctor.exit_code(rows) == (1 if any(r.status == "fail" for r in rows) else 0)
+        if kind == "fragile":
+            assert doctor.exit_code(rows) == 1

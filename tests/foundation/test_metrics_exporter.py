@@ -1,0 +1,164 @@
+"""The Prometheus exporter: started by kvbm_pipeline_built on a free port, fed through
+registry.notify, scraped over HTTP; exact sample names (Dynamo's, no ``_total``) and values."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvbm_core import metrics
+from kvbm_core.channel import TierAllocation
+from kvbm_core.errors import ConfigError
+from kvbm_core.interfaces import TierLevel
+from kvbm_core.registry import Registry
+from kvbm_core.settings import KvbmSettings
+
+from conftest import free_port
+
+SEED_NAMES = {
+    "kvbm_matched_tokens",
+    "kvbm_offload_blocks_d2h",
+    "kvbm_offload_blocks_h2d",
+    "kvbm_offload_blocks_d2d",
+    "kvbm_onboard_blocks_d2d",
+    "kvbm_onboard_blocks_h2d",
+    "kvbm_host_cache_hit_rate",
+    "kvbm_disk_cache_hit_rate",
+}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    settings: KvbmSettings
+    tiers: tuple[TierAllocation, ...]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{")[0].split(" ")[0]
+            assert not name.endswith("_total"), line
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def keys(n: int) -> np.ndarray:
+    return np.arange(2 * n, dtype=np.uint64).reshape(n, 2)
+
+
+@pytest.fixture
+def exported():
+    port = free_port()
+    settings = KvbmSettings(metrics={"enabled": True, "port": port}, cache_stats={"max_requests": 3})
+    pipeline = Pipeline(settings, (TierAllocation("cpu", TierLevel.HOST, 100), TierAllocation("disk", TierLevel.DISK, 1000)))
+    registry = Registry()
+    registry.notify("kvbm_pipeline_built", pipeline=pipeline)
+    yield registry, pipeline, port
+    registry.notify("kvbm_pipeline_closed", pipeline=pipeline)
+
+
+def test_seed_metrics_have_exact_names_and_values(exported):
+    registry, _, port = exported
+    initial = scrape(port)
+    assert {name for name, _ in initial} >= SEED_NAMES
+    assert all(initial[(n, ())] == 0 for n in SEED_NAMES)
+
+    notify = registry.notify
+    notify("kvbm_request_matched", request_id=1, requested_tokens=1000, device_tokens=200, host_tokens=512, disk_tokens=128)
+    notify("kvbm_blocks_offloaded", route="d2h", num_blocks=7, num_bytes=7 * 4096, seconds=0.002)
+    notify("kvbm_blocks_offloaded", route="d2h", num_blocks=3, num_bytes=3 * 4096, seconds=0.001)
+    notify("kvbm_blocks_offloaded", route="h2disk", num_blocks=5, num_bytes=5 * 4096, seconds=0.02)
+    notify("kvbm_blocks_offloaded", route="d2disk", num_blocks=2, num_bytes=2 * 4096, seconds=0.03)
+    notify("kvbm_blocks_onboarded", tier="cpu", request_id=1, num_blocks=16, num_bytes=16 * 4096, seconds=0.004)
+    notify("kvbm_blocks_onboarded", tier="disk", request_id=1, num_blocks=4, num_bytes=4 * 4096, seconds=0.3)
+    notify("kvbm_transfer_failed", route="disk2d", op_id=9, request_id=1, error="checksum mismatch")
+    notify("kvbm_blocks_stored", tier="cpu", route="d2h", keys=keys(10), seq_hashes=np.zeros(10, np.uint64))
+    notify("kvbm_blocks_removed", tier="cpu", keys=keys(4), seq_hashes=np.zeros(4, np.uint64))
+
+    s = scrape(port)
+    assert s[("kvbm_matched_tokens", ())] == 640
+    assert s[("kvbm_requested_tokens", ())] == 1000
+    assert s[("kvbm_offload_blocks_d2h", ())] == 10
+    assert s[("kvbm_offload_blocks_h2d", ())] == 5, "Dynamo's h2d offload counter is host -> disk"
+    assert s[("kvbm_offload_blocks_d2d", ())] == 2, "device -> disk"
+    assert s[("kvbm_onboard_blocks_h2d", ())] == 16
+    assert s[("kvbm_onboard_blocks_d2d", ())] == 4, "disk -> device"
+    assert s[("kvbm_transfer_bytes", (("route", "d2h"),))] == 10 * 4096
+    assert s[("kvbm_transfer_bytes", (("route", "disk2d"),))] == 4 * 4096
+    assert s[("kvbm_transfer_blocks", (("route", "h2d"),))] == 16
+    assert s[("kvbm_transfer_seconds_count", (("route", "d2h"),))] == 2
+    assert s[("kvbm_transfer_seconds_sum", (("route", "d2h"),))] == pytest.approx(0.003)
+    assert s[("kvbm_transfer_seconds_bucket", (("le", "0.005"), ("route", "disk2d")))] == 0
+    assert s[("kvbm_transfer_seconds_bucket", (("le", "0.5"), ("route", "disk2d")))] == 1
+    assert s[("kvbm_transfer_failures", (("route", "disk2d"),))] == 1
+    assert s[("kvbm_tier_blocks", (("tier", "cpu"),))] == 6
+    assert s[("kvbm_tier_capacity_blocks", (("tier", "disk"),))] == 1000
+
+
+def test_hit_rates_are_block_weighted_over_the_last_n_requests(exported):
+    registry, _, port = exported  # window of 3 requests
+    finished = [(10, 5, 0), (30, 0, 15), (60, 30, 30), (100, 0, 0)]
+    for i, (queried, host, disk) in enumerate(finished):
+        registry.notify("kvbm_request_finished", request_id=i, queried_blocks=queried, host_hit_blocks=host, disk_hit_blocks=disk)
+        window = finished[max(0, i - 2) : i + 1]
+        total = sum(q for q, _, _ in window)
+        s = scrape(port)
+        assert s[("kvbm_host_cache_hit_rate", ())] == pytest.approx(sum(h for _, h, _ in window) / total)
+        assert s[("kvbm_disk_cache_hit_rate", ())] == pytest.approx(sum(d for _, _, d in window) / total)
+    # After the 4th request the first has left the window: (0 + 30 + 0) / 190 and (15 + 30 + 0) / 190.
+    assert s[("kvbm_host_cache_hit_rate", ())] == pytest.approx(30 / 190)
+
+
+def test_server_stops_when_the_pipeline_closes(exported):
+    registry, pipeline, port = exported
+    assert metrics.active_exporter() is not None
+    registry.notify("kvbm_pipeline_closed", pipeline=pipeline)
+    assert metrics.active_exporter() is None
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    # Events without an exported pipeline are ignored, not errors.
+    registry.notify("kvbm_blocks_offloaded", route="d2h", num_blocks=1, num_bytes=1, seconds=0.0)
+
+
+def test_disabled_metrics_start_nothing():
+    port = free_port()
+    pipeline = Pipeline(KvbmSettings(metrics={"enabled": False, "port": port}), ())
+    registry = Registry()
+    registry.notify("kvbm_pipeline_built", pipeline=pipeline)
+    assert metrics.active_exporter() is None
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", port))  # nobody listens there
+
+
+def test_port_in_use_is_logged_naming_the_variable_and_serving_continues(log_capture):
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        pipeline = Pipeline(KvbmSettings(metrics={"enabled": True, "port": port}), (TierAllocation("cpu", TierLevel.HOST, 8),))
+        registry = Registry()
+        try:
+            registry.notify("kvbm_pipeline_built", pipeline=pipeline)
+            exporter = metrics.active_exporter()
+            assert exporter is not None and exporter.port is None, "counting goes on without a server"
+            registry.notify("kvbm_blocks_offloaded", route="d2h", num_blocks=3, num_bytes=3, seconds=0.0)
+            assert exporter.metrics.registry.get_sample_value("kvbm_offload_blocks_d2h") == 3
+        finally:
+            registry.notify("kvbm_pipeline_closed", pipeline=pipeline)
+    assert "DYN_KVBM_METRICS_PORT" in log_capture.getvalue()
+
+    with pytest.raises(ConfigError, match="DYN_KVBM_METRICS_PORT"):
+        with socket.socket() as busy:
+            busy.bind(("0.0.0.0", 0))
+            busy.listen()
+            metrics.MetricsExporter(metrics.KvbmMetrics(10, {})).serve(busy.getsockname()[1])
