@@ -1,0 +1,87 @@
+"""The reference model and pool: TRT-LLM's layout, seeded weights, and chunking-invariant KV bytes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kvbm_core.errors import ConfigError
+from kvbm_core.layout import BlockLayout
+from kvbm_core.testing import PRESETS, KvPools, Piece, ReferenceModel, greedy_decode
+
+TPB = 16
+
+
+def _prompt(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(512) for _ in range(n)]
+
+
+def _kv_after(model: ReferenceModel, prompt: list[int], chunks: list[int]) -> torch.Tensor:
+    """Every layer's K and V of the prompt, computed chunk by chunk into a fresh pool."""
+    nblocks = -(-len(prompt) // TPB)
+    pools = KvPools(model.pool_geometry(nblocks, TPB), "cpu")
+    pos = 0
+    for n in chunks:
+        model.forward([Piece(range(nblocks), pos, prompt[pos : pos + n], False)], pools)
+        pos += n
+    assert pos == len(prompt)
+    table = torch.arange(nblocks)
+    return torch.stack([torch.stack(pools.read(layer, table, len(prompt))) for layer in range(model.shape.num_layers)])
+
+
+def test_kv_bytes_do_not_depend_on_chunking() -> None:
+    model = ReferenceModel("tiny", seed=3, max_seq_len=256)
+    prompt = _prompt(100)
+    whole = _kv_after(model, prompt, [100])
+    assert torch.equal(whole, _kv_after(model, prompt, [32, 32, 36]))
+    assert torch.equal(whole, _kv_after(model, prompt, [48, 5, 47]))
+    assert torch.equal(whole, _kv_after(model, prompt, [1] * 100))
+
+
+def test_weights_and_tokens_follow_the_seed() -> None:
+    prompt = _prompt(40, seed=1)
+    a = greedy_decode(ReferenceModel("tiny", seed=7, max_seq_len=128), prompt, 6)
+    b = greedy_decode(ReferenceModel("tiny", seed=7, max_seq_len=128), prompt, 6)
+    c = greedy_decode(ReferenceModel("tiny", seed=8, max_seq_len=128), prompt, 6)
+    assert a == b
+    assert a != c
+    assert len(set(a)) > 1
+
+
+def test_fast_attention_path_agrees_with_the_invariant_path() -> None:
+    exact = ReferenceModel("tiny", seed=2, max_seq_len=256)
+    fast = ReferenceModel("tiny", seed=2, max_seq_len=256, invariant=False)
+    prompt = _prompt(90, seed=2)
+    for chunks in ([90], [40, 50], [64, 1, 25]):  # from 0, after a prefix, single-token query
+        assert torch.allclose(_kv_after(exact, prompt, chunks), _kv_after(fast, prompt, chunks), atol=1e-5)
+
+
+def test_pool_is_block_major_hnd_and_split_by_rank() -> None:
+    model = ReferenceModel("tiny", seed=0, max_seq_len=128)
+    s = model.shape
+    pools = KvPools(model.pool_geometry(num_blocks=6, tokens_per_block=TPB, tp_size=2), "cpu")
+    assert [tuple(t.shape) for t in pools.tensors] == [(6, s.num_layers, 2, 1 * TPB * s.head_dim)] * 2
+    layout = BlockLayout.from_pool(pools.tensors[0], TPB)
+    assert layout.bytes_per_block * 2 == s.kv_bytes_per_token * TPB
+
+    table = torch.tensor([4, 1])  # position p lives in block table[p // TPB], slot p % TPB
+    positions = torch.tensor([3, 17])
+    k = torch.randn(2, s.num_kv_heads, s.head_dim)
+    v = torch.randn(2, s.num_kv_heads, s.head_dim)
+    pools.write(2, table, positions, k, v)
+    for rank, tensor in enumerate(pools.tensors):
+        block = tensor.view(6, s.num_layers, 2, 1, TPB, s.head_dim)  # [blocks, layers, K/V, heads, tokens, dim]
+        assert torch.equal(block[4, 2, 0, 0, 3], k[0, rank])
+        assert torch.equal(block[1, 2, 1, 0, 1], v[1, rank])
+    keys, values = pools.read(2, table, 18)
+    assert torch.equal(keys[:, 17], k[1]) and torch.equal(values[:, 3], v[0])
+
+
+def test_presets_have_the_real_models_kv_bytes() -> None:
+    assert PRESETS["qwen3-0.6b"].kv_bytes_per_token == 114_688
+    assert PRESETS["llama-3-8b"].kv_bytes_per_token == 131_072
+    with pytest.raises(ConfigError, match="unknown reference model preset"):
+        ReferenceModel("gpt-5")
