@@ -258,7 +258,7 @@ class TransferEngine:
             return ticket
         route = op.route
         if route == Route.D2H:
-            self._store_lane.submit(self._run_stream, ticket, deps, lambda: self._d2h(ticket, src, dst, after))
+            self._store_lane.submit(self._run_stream, ticket, deps, lambda: self._d2h(ticket, src, dst), after)
         elif route == Route.H2D:
             self._load_lane.submit(self._run_stream, ticket, deps, lambda: self._h2d(ticket, src, dst))
         else:
@@ -356,12 +356,15 @@ class TransferEngine:
                     d.event.synchronize()
         return True
 
-    def _run_stream(self, ticket: Ticket, deps: list[Ticket], body: Callable[[], None]) -> None:
+    def _run_stream(self, ticket: Ticket, deps: list[Ticket], body: Callable[[], None],
+                    after: torch.cuda.Event | None = None) -> None:
         stream = self._stream()
         try:
             if self._await_deps(ticket, deps, stream):
                 ticket.started()
                 if stream is not None:
+                    if after is not None:
+                        stream.wait_event(after)  # the forward pass wrote the blocks; timing starts after
                     start = torch.cuda.Event(enable_timing=True)
                     end = torch.cuda.Event(enable_timing=True)
                     with torch.cuda.stream(stream):
@@ -378,12 +381,10 @@ class TransferEngine:
         finally:
             ticket.finish_issue()
 
-    def _d2h(self, ticket: Ticket, src: np.ndarray, dst: np.ndarray, after: torch.cuda.Event | None) -> None:
+    def _d2h(self, ticket: Ticket, src: np.ndarray, dst: np.ndarray) -> None:
         host, hz = self.host, self._host_hz
         assert isinstance(host, HostStorage) and hz is not None
         stream = self._stream()
-        if after is not None and stream is not None:
-            stream.wait_event(after)
         ok = np.zeros(len(dst), dtype=bool)
         try:
             self.copier.copy(host.slots, dst, self.pool, src, dst_segment=host.segment_slots, stream=stream)

@@ -81,6 +81,10 @@ class GdsTier(LocalDiskTier):
         self.mode, detail = probe_mode(kvikio) if device is not None and device.type == "cuda" else (
             "host-bounce", "no CUDA device for this rank")
         if self.mode != "host-bounce" and self.bytes_per_block % 8 == 0:
+            try:  # kvikio runs one thread by default; our I/O threads each wait on their own reads
+                kvikio.defaults.set("num_threads", self.io_threads)
+            except Exception as exc:
+                log.warning("could not raise kvikio's thread count", error=str(exc))
             self._cufile = kvikio.CuFile(self.path, "r+")
             self.device_lanes = StagingLanes(self.io_threads, self.io_records, self.bytes_per_block,
                                              device=device, on_device=True, label="gds staging")
