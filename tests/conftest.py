@@ -5,6 +5,7 @@ throwaway plugin distributions.
   ``./dev`` installs) on a random free loopback port, with its data and log in a temporary
   directory; stopped at the end of the test (``.stop()`` stops it earlier). ``cluster_servers`` gives
   both plus the ``transport_options`` that point kvbm at them.
+- ``port_factory``: a function returning a free loopback port; ``kvbm_env``: a clean environment.
 - ``run_kvbm``: runs the installed ``kvbm`` console script in a subprocess with a clean
   ``DYN_KVBM_*`` environment plus the variables a test passes.
 - ``log_capture``: kvbm's logging configured into a buffer for one test.
@@ -51,6 +52,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def port_factory() -> Callable[[], int]:
+    """A function returning a currently free loopback TCP port (use it, do not import conftest)."""
+    return free_port
 
 
 def _binary(name: str) -> str:
@@ -220,6 +227,12 @@ def kvbm_environment(env: Mapping[str, str] | None = None, pythonpath: Path | No
         base["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), base.get("PYTHONPATH", "")) if p)
     base.update(env or {})
     return base
+
+
+@pytest.fixture
+def kvbm_env() -> Callable[..., dict[str, str]]:
+    """``kvbm_env({"DYN_KVBM_X": "1"})`` -> this process's environment without ``DYN_KVBM_*``, plus those."""
+    return kvbm_environment
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ from kvbm_core.registry import Registry
 from kvbm_core.settings import KvbmSettings, resolve_settings
 from kvbm_core.transports import EtcdTransport, NatsTransport
 
-from conftest import free_port
-
 
 def cluster_settings(options: dict) -> KvbmSettings:
     return KvbmSettings(transports=["inproc", "etcd", "nats"], transport_options=options)
@@ -37,8 +35,8 @@ def test_etcd_put_get_prefix_delete(etcd_server):
     first.close()  # closing twice is harmless
 
 
-def test_etcd_uses_the_first_endpoint_that_answers(etcd_server):
-    dead = f"http://127.0.0.1:{free_port()}"
+def test_etcd_uses_the_first_endpoint_that_answers(etcd_server, port_factory):
+    dead = f"http://127.0.0.1:{port_factory()}"
     transport = EtcdTransport(cluster_settings({"etcd": {"endpoints": [dead, etcd_server.url], "timeout_s": 3}}))
     try:
         assert transport.endpoint == etcd_server.url
@@ -125,8 +123,8 @@ def test_nats_diagnose_reachable_then_unreachable(nats_server):
     assert row.status == "fail" and "unreachable" in row.detail and "refused" in row.detail.lower()
 
 
-def test_nats_connect_to_a_stopped_server_fails_within_the_timeout():
-    settings = cluster_settings({"nats": {"servers": [f"nats://127.0.0.1:{free_port()}"], "timeout_s": 1}})
+def test_nats_connect_to_a_stopped_server_fails_within_the_timeout(port_factory):
+    settings = cluster_settings({"nats": {"servers": [f"nats://127.0.0.1:{port_factory()}"], "timeout_s": 1}})
     with pytest.raises(TransportError, match="connect timed out"):
         NatsTransport(settings)
 

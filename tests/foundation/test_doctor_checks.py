@@ -40,8 +40,8 @@ def test_doctor_with_a_disk_profile_in_a_temp_dir(run_kvbm, tmp_path):
     names = dict(rows)
     assert names["configuration"] == "PASS"
     assert names[f"disk dir {tmp_path}"] == "PASS"
-    assert names["disk free space"] == "PASS"
-    assert {"cuda", "O_DIRECT", "fallocate"} <= names.keys()
+    assert names[machine.FREE_SPACE] == "PASS"
+    assert {"cuda", machine.O_DIRECT, machine.FALLOCATE} <= names.keys()
     assert "pass," in proc.stdout.splitlines()[-1]
     assert list(tmp_path.iterdir()) == [], "doctor leaves no probe files behind"
 
@@ -54,7 +54,8 @@ def test_doctor_fails_when_the_disk_cannot_hold_the_capacity(run_kvbm, tmp_path)
     proc = run_kvbm("doctor", "--json", env={"DYN_KVBM_DISK_CACHE_DIR": str(tmp_path), "DYN_KVBM_DISK_CACHE_GB": "1e9"})
     assert proc.returncode == 1
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
-    assert checks["disk free space"]["status"] == "fail" and "1000000000.0 GB" in checks["disk free space"]["detail"]
+    free = checks[machine.FREE_SPACE]
+    assert free["status"] == "fail" and "1000000000.0 GB" in free["detail"]
 
 
 def test_doctor_fails_for_a_missing_directory(run_kvbm, tmp_path):
@@ -95,7 +96,7 @@ def test_generic_disk_checks_on_a_real_directory(tmp_path):
     spec = TierSpec(kind="disk", capacity_gb=0.001)
     rows = {r.name: r for r in machine.disk(spec, KvbmSettings(disk={"directory": str(tmp_path)}))}
     assert rows[f"disk dir {tmp_path}"].status == "pass"
-    assert rows["disk free space"].status == "pass"
+    assert rows[machine.FREE_SPACE].status == "pass"
     # What O_DIRECT and fallocate report must agree with what the filesystem does.
     probe = tmp_path / "probe"
     probe.write_bytes(b"")
@@ -104,7 +105,7 @@ def test_generic_disk_checks_on_a_real_directory(tmp_path):
         direct_ok = True
     except OSError:
         direct_ok = False
-    assert (rows["O_DIRECT"].status == "pass") == direct_ok
+    assert (rows[machine.O_DIRECT].status == "pass") == direct_ok
     fd = os.open(probe, os.O_RDWR)
     try:
         fallocate_ok = machine._fallocate_errno(fd, 4096) == 0
@@ -112,13 +113,13 @@ def test_generic_disk_checks_on_a_real_directory(tmp_path):
             assert os.fstat(fd).st_blocks > 0, "fallocate reported success: the blocks are allocated"
     finally:
         os.close(fd)
-    assert (rows["fallocate"].status == "pass") == fallocate_ok
+    assert (rows[machine.FALLOCATE].status == "pass") == fallocate_ok
     assert list(p.name for p in tmp_path.iterdir()) == ["probe"]
 
 
 def test_blocks_only_disk_tier_and_unwritable_directory(tmp_path):
     rows = {r.name: r for r in machine.disk(TierSpec(kind="disk", num_blocks=10), KvbmSettings(disk={"directory": str(tmp_path)}))}
-    assert rows["disk free space"].status == "pass" and "10 blocks" in rows["disk free space"].detail
+    assert rows[machine.FREE_SPACE].status == "pass" and "10 blocks" in rows[machine.FREE_SPACE].detail
     file_not_dir = tmp_path / "file"
     file_not_dir.write_text("x")
     (row,) = machine.disk(TierSpec(kind="disk", capacity_gb=1), KvbmSettings(disk={"directory": str(file_not_dir)}))

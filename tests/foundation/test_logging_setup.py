@@ -9,10 +9,10 @@ import logging
 import subprocess
 import sys
 
+import pytest
+
 from kvbm_core.logging import bound, configure, get_logger
 from kvbm_core.settings.model import LoggingSettings
-
-from conftest import kvbm_environment
 
 SCRIPT = """
 from kvbm_core.logging import bound, configure, get_logger
@@ -29,11 +29,15 @@ print("stdout stays clean")
 """
 
 
-def run_script(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", SCRIPT], env=kvbm_environment(env), capture_output=True, text=True, timeout=60)
+@pytest.fixture
+def run_script(kvbm_env):
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", SCRIPT], env=kvbm_env(env), capture_output=True, text=True, timeout=60)
+
+    return run
 
 
-def test_json_lines_with_bound_context_on_stderr():
+def test_json_lines_with_bound_context_on_stderr(run_script):
     proc = run_script({"DYN_KVBM_LOG_FORMAT": "json"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "stdout stays clean\n"
@@ -46,7 +50,7 @@ def test_json_lines_with_bound_context_on_stderr():
     assert second["event"] == "from the standard library" and second["logger"] == "nats.aio.client"
 
 
-def test_console_by_default_and_level_from_environment():
+def test_console_by_default_and_level_from_environment(run_script):
     proc = run_script({})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()

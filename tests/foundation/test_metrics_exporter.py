@@ -18,8 +18,6 @@ from kvbm_core.interfaces import TierLevel
 from kvbm_core.registry import Registry
 from kvbm_core.settings import KvbmSettings
 
-from conftest import free_port
-
 SEED_NAMES = {
     "kvbm_matched_tokens",
     "kvbm_offload_blocks_d2h",
@@ -57,8 +55,8 @@ def keys(n: int) -> np.ndarray:
 
 
 @pytest.fixture
-def exported():
-    port = free_port()
+def exported(port_factory):
+    port = port_factory()
     settings = KvbmSettings(metrics={"enabled": True, "port": port}, cache_stats={"max_requests": 3})
     pipeline = Pipeline(settings, (TierAllocation("cpu", TierLevel.HOST, 100), TierAllocation("disk", TierLevel.DISK, 1000)))
     registry = Registry()
@@ -130,8 +128,8 @@ def test_server_stops_when_the_pipeline_closes(exported):
     registry.notify("kvbm_blocks_offloaded", route="d2h", num_blocks=1, num_bytes=1, seconds=0.0)
 
 
-def test_disabled_metrics_start_nothing():
-    port = free_port()
+def test_disabled_metrics_start_nothing(port_factory):
+    port = port_factory()
     pipeline = Pipeline(KvbmSettings(metrics={"enabled": False, "port": port}), ())
     registry = Registry()
     registry.notify("kvbm_pipeline_built", pipeline=pipeline)

@@ -25,6 +25,8 @@ from kvbm_core.settings.model import KvbmSettings, TierSpec
 PASS, WARN, FAIL = "pass", "warn", "fail"
 PROBE_BYTES = 1 << 20  # fallocate probe size
 ALIGN = 4096  # O_DIRECT probe: one page, aligned buffer, offset and length
+# Row names of the generic disk checks (tier plugins may print their own rows next to these).
+FREE_SPACE, O_DIRECT, FALLOCATE = "disk dir free space", "disk dir O_DIRECT", "disk dir fallocate"
 
 
 def cuda() -> tuple[list[CheckResult], bool]:
@@ -90,10 +92,10 @@ def disk(spec: TierSpec, settings: KvbmSettings) -> list[CheckResult]:
 def _free_space(spec: TierSpec, directory: Path) -> CheckResult:
     free = shutil.disk_usage(directory).free
     if spec.num_blocks is not None:
-        return CheckResult("disk free space", PASS, f"{_gb(free)} GB free; {spec.num_blocks} blocks (bytes depend on the model's layout)")
+        return CheckResult(FREE_SPACE, PASS, f"{_gb(free)} GB free; {spec.num_blocks} blocks (bytes depend on the model's layout)")
     need = (spec.capacity_gb or 0) * 1e9
     status = PASS if need <= free else FAIL
-    return CheckResult("disk free space", status, f"needs {_gb(need)} GB for {spec.kind}, {_gb(free)} GB free")
+    return CheckResult(FREE_SPACE, status, f"needs {_gb(need)} GB for {spec.kind}, {_gb(free)} GB free")
 
 
 def _o_direct(directory: Path, settings: KvbmSettings) -> CheckResult:
@@ -116,23 +118,23 @@ def _o_direct(directory: Path, settings: KvbmSettings) -> CheckResult:
             os.unlink(path)
     except OSError as exc:
         if disabled:
-            return CheckResult("O_DIRECT", PASS, f"not accepted here ({exc.strerror}); not used: DYN_KVBM_DISK_DISABLE_O_DIRECT is set")
-        return CheckResult("O_DIRECT", FAIL, f"not accepted here ({exc.strerror}): set DYN_KVBM_DISK_DISABLE_O_DIRECT=true")
+            return CheckResult(O_DIRECT, PASS, f"not accepted here ({exc.strerror}); not used: DYN_KVBM_DISK_DISABLE_O_DIRECT is set")
+        return CheckResult(O_DIRECT, FAIL, f"not accepted here ({exc.strerror}): set DYN_KVBM_DISK_DISABLE_O_DIRECT=true")
     if not ok:
-        return CheckResult("O_DIRECT", FAIL, "an aligned 4 KiB write and read back did not return the same bytes")
-    return CheckResult("O_DIRECT", PASS, "accepted" + (" (not used: DYN_KVBM_DISK_DISABLE_O_DIRECT is set)" if disabled else ""))
+        return CheckResult(O_DIRECT, FAIL, "an aligned 4 KiB write and read back did not return the same bytes")
+    return CheckResult(O_DIRECT, PASS, "accepted" + (" (not used: DYN_KVBM_DISK_DISABLE_O_DIRECT is set)" if disabled else ""))
 
 
 def _fallocate(fd: int, settings: KvbmSettings) -> CheckResult:
     code = _fallocate_errno(fd, PROBE_BYTES)
     if code == 0:
-        return CheckResult("fallocate", PASS, "supported")
+        return CheckResult(FALLOCATE, PASS, "supported")
     reason = os.strerror(code)
     if code not in (errno.EOPNOTSUPP, errno.ENOSYS):
-        return CheckResult("fallocate", FAIL, f"failed: {reason}")
+        return CheckResult(FALLOCATE, FAIL, f"failed: {reason}")
     if settings.disk.zerofill_fallback:
-        return CheckResult("fallocate", WARN, f"not supported ({reason}); files are zero-filled instead (DYN_KVBM_DISK_ZEROFILL_FALLBACK), slower to start")
-    return CheckResult("fallocate", FAIL, f"not supported ({reason}): set DYN_KVBM_DISK_ZEROFILL_FALLBACK=true")
+        return CheckResult(FALLOCATE, WARN, f"not supported ({reason}); files are zero-filled instead (DYN_KVBM_DISK_ZEROFILL_FALLBACK), slower to start")
+    return CheckResult(FALLOCATE, FAIL, f"not supported ({reason}): set DYN_KVBM_DISK_ZEROFILL_FALLBACK=true")
 
 
 def _fallocate_errno(fd: int, length: int) -> int:
