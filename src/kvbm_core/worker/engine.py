@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # the builtin one only from 3.11
 
 import numpy as np
 import structlog
@@ -164,7 +165,7 @@ class TransferEngine:
         for t in tickets:
             try:
                 t.issued.result(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            except FutureTimeout:
                 t.fail_all(f"blocking load not ready within {self.wait_timeout_s:.0f} s: the forward pass ran without it")
                 log.error("blocking load missed the forward pass", op_id=t.op.op_id, request_id=t.op.request_id)
                 continue
@@ -214,7 +215,7 @@ class TransferEngine:
         for t in tickets:
             try:
                 t.issued.result(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            except FutureTimeout:
                 break
             while t.event is not None and not t.event.query() and time.monotonic() < deadline:
                 time.sleep(0.0005)
@@ -346,7 +347,7 @@ class TransferEngine:
         for d in deps:
             try:
                 d.issued.result(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            except FutureTimeout:
                 ticket.fail_all(f"waited {self.wait_timeout_s:.0f} s for operation {d.op.op_id} on the same slots")
                 return False
             if d.event is not None:
