@@ -204,7 +204,8 @@ class Bench:
                         gb2 = 2 * half * bpb / 1e9
                         self.add(Row("offload+onboard", model, 2 * half, f"scattered/{engine.copier.strategy}", gb2,
                                      gb2 / seconds, min(ref_d2h, ref_h2d), gb2 / seconds / min(ref_d2h, ref_h2d), 1.4))
-                self.check_bytes(engines[strategies[0]], pool_bytes, host.slots, n_max)
+                for engine in engines.values():
+                    self.check_bytes(engine, pool_bytes, host.slots, n_max)
         finally:
             for engine in engines.values():
                 engine.close()
@@ -238,17 +239,23 @@ class Bench:
         return statistics.median(walls), statistics.median(engine_s)
 
     def check_bytes(self, engine: TransferEngine, pool_bytes: torch.Tensor, slots: torch.Tensor, n: int) -> None:
-        """One scattered round trip, compared byte for byte (the timings are worthless otherwise)."""
+        """A scattered round trip device -> host -> device, byte for byte (timings are worthless otherwise)."""
         k = min(n // 2, 64)
         if k == 0:
             return
         rng = np.random.default_rng(1)
-        src = rng.permutation(n)[:k]
+        blocks = rng.permutation(n)
+        src, back = blocks[:k], blocks[k:2 * k]
         dst = rng.permutation(n)[:k]
+        expected = pool_bytes[torch.from_numpy(src).to(pool_bytes.device)].cpu()
         engine.start_stores([op(next(self._ids), Route.D2H, src, dst)], None)
         engine.drain(60)
-        if not torch.equal(slots[torch.from_numpy(dst)].cpu(), pool_bytes[torch.from_numpy(src)].cpu()):
-            raise RuntimeError("offloaded bytes differ from the device blocks")
+        if not torch.equal(slots[torch.from_numpy(dst)].cpu(), expected):
+            raise RuntimeError(f"offloaded bytes differ from the device blocks ({engine.copier.strategy})")
+        engine.start_loads([op(next(self._ids), Route.H2D, dst, back)], None, blocking=True)
+        engine.drain(60)
+        if not torch.equal(pool_bytes[torch.from_numpy(back).to(pool_bytes.device)].cpu(), expected):
+            raise RuntimeError(f"onboarded bytes differ from the host slots ({engine.copier.strategy})")
 
     # ------------------------------------------------------------------------------- disk
     def disk(self, model: str, kind: str) -> None:
