@@ -41,7 +41,7 @@ class ManagerStats:
 class _Node:
     __slots__ = ("block", "parent", "key", "children", "depth")
 
-    def __init__(self, block: int, parent: "_Node | None", key: tuple[int, ...], depth: int):
+    def __init__(self, block: int, parent: _Node | None, key: tuple[int, ...], depth: int):
         self.block = block
         self.parent = parent
         self.key = key
@@ -122,12 +122,16 @@ class KvCacheManager:
     def get_cache_indices(self, request_id: int) -> list[int]:
         return list(self._seqs[request_id].blocks)
 
-    def store_context_blocks(self, request_id: int, tokens: Sequence[int], kv_len: int, priority_of: PriorityOf) -> None:
+    def store_context_blocks(
+        self, request_id: int, tokens: Sequence[int], kv_len: int, priority_of: PriorityOf
+    ) -> None:
         """Make the full blocks of a finished prefill reusable while the request keeps decoding."""
         if self.enable_block_reuse:
             self._register(self._seqs[request_id], tokens, kv_len, priority_of)
 
-    def release(self, request_id: int, tokens: Sequence[int], kv_len: int, priority_of: PriorityOf, pin: bool = False) -> None:
+    def release(
+        self, request_id: int, tokens: Sequence[int], kv_len: int, priority_of: PriorityOf, pin: bool = False
+    ) -> None:
         """The request is done: cache its full blocks whose KV is valid, then let go (or pin)."""
         seq = self._seqs[request_id]
         if self.enable_block_reuse:

@@ -102,9 +102,11 @@ class ReferenceModel:
 
     def pool_geometry(self, num_blocks: int, tokens_per_block: int, tp_size: int = 1) -> PoolGeometry:
         s = self.shape
-        return PoolGeometry(num_blocks, s.num_layers, s.num_kv_heads, s.head_dim, tokens_per_block, tp_size, s.torch_dtype)
+        return PoolGeometry(
+            num_blocks, s.num_layers, s.num_kv_heads, s.head_dim, tokens_per_block, tp_size, s.torch_dtype
+        )
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: tensors a connector creates in its layer hooks stay ordinary
     def forward(
         self,
         pieces: Sequence[Piece],
@@ -130,7 +132,7 @@ class ReferenceModel:
 
     # -- one request ----------------------------------------------------------------------------
 
-    def _start(self, piece: Piece) -> "_PieceState":
+    def _start(self, piece: Piece) -> _PieceState:
         n = len(piece.tokens)
         if n == 0:
             raise ValueError("a piece must compute at least one token")
@@ -144,7 +146,7 @@ class ReferenceModel:
         table = torch.tensor(list(piece.block_table), dtype=torch.long, device=self.device)
         return _PieceState(piece, n, end, positions, table, self.embed[tokens])
 
-    def _layer(self, layer: _Layer, index: int, st: "_PieceState", pools: KvPools) -> torch.Tensor:
+    def _layer(self, layer: _Layer, index: int, st: _PieceState, pools: KvPools) -> torch.Tensor:
         s = self.shape
         d, hq, hkv = s.head_dim, s.num_q_heads, s.num_kv_heads
         x = self._norm(st.h, layer.attn_norm)
@@ -164,7 +166,7 @@ class ReferenceModel:
         gate, up = (x @ layer.wgu).chunk(2, dim=-1)
         return h + (F.silu(gate) * up) @ layer.wdown
 
-    def _attend(self, q: torch.Tensor, pools: KvPools, layer: int, st: "_PieceState") -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, pools: KvPools, layer: int, st: _PieceState) -> torch.Tensor:
         s = self.shape
         rows, hq, d = q.shape
         hkv = s.num_kv_heads
@@ -182,20 +184,15 @@ class ReferenceModel:
             return out.reshape(hq, rows, d).permute(1, 0, 2).reshape(rows, hq * d)
         keys, values = pools.read(layer, st.table, st.end)
         q4 = q.permute(1, 0, 2).unsqueeze(0)
-        if rows == st.end or rows == 1:  # causal from 0, or one query that sees every key
-            out = F.scaled_dot_product_attention(
-                q4, keys.unsqueeze(0), values.unsqueeze(0), is_causal=rows > 1, enable_gqa=True
-            )
-        else:  # a chunk after a prefix: queries are the last ``rows`` positions
-            out = F.scaled_dot_product_attention(
-                q4,
-                keys.repeat_interleave(group, 0).unsqueeze(0),
-                values.repeat_interleave(group, 0).unsqueeze(0),
-                attn_mask=causal_lower_right(rows, st.end),
-            )
+        k4 = keys.repeat_interleave(group, 0).unsqueeze(0)  # equal head counts keep flash attention eligible
+        v4 = values.repeat_interleave(group, 0).unsqueeze(0)
+        if rows == st.end or rows == 1:  # causal from position 0, or one query that sees every key
+            out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=rows > 1)
+        else:  # a chunk after a prefix: the queries are the last ``rows`` positions
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(rows, st.end))
         return out[0].permute(1, 0, 2).reshape(rows, hq * d)
 
-    def _sample(self, st: "_PieceState") -> torch.Tensor:
+    def _sample(self, st: _PieceState) -> torch.Tensor:
         last = self._norm(st.h[st.num_real - 1 : st.num_real], self.final_norm)
         if self.invariant:
             last = last.expand(2, -1)
@@ -221,7 +218,9 @@ class _PieceState:
 
     __slots__ = ("piece", "num_real", "end", "positions", "table", "h")
 
-    def __init__(self, piece: Piece, num_real: int, end: int, positions: torch.Tensor, table: torch.Tensor, h: torch.Tensor):
+    def __init__(
+        self, piece: Piece, num_real: int, end: int, positions: torch.Tensor, table: torch.Tensor, h: torch.Tensor
+    ):
         self.piece = piece
         self.num_real = num_real
         self.end = end
@@ -230,7 +229,9 @@ class _PieceState:
         self.h = h
 
 
-def greedy_decode(model: ReferenceModel, prompt: Sequence[int], max_new_tokens: int, tokens_per_block: int = 16) -> list[int]:
+def greedy_decode(
+    model: ReferenceModel, prompt: Sequence[int], max_new_tokens: int, tokens_per_block: int = 16
+) -> list[int]:
     """Greedy tokens with no KV reuse at all: every step recomputes the whole sequence from scratch."""
     tokens = list(prompt)
     out: list[int] = []

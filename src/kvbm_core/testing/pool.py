@@ -67,7 +67,9 @@ class KvPools:
     def device(self) -> torch.device:
         return self.tensors[0].device
 
-    def write(self, layer: int, block_table: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, layer: int, block_table: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         """Store K/V ``[n, num_kv_heads, head_dim]`` of sequence ``positions`` (int64 ``[n]``)."""
         tpb = self.geometry.tokens_per_block
         blocks = block_table[positions // tpb]
@@ -78,7 +80,9 @@ class KvPools:
             view[blocks, layer, 0, :, offsets, :] = k[:, heads].to(view.dtype)
             view[blocks, layer, 1, :, offsets, :] = v[:, heads].to(view.dtype)
 
-    def read(self, layer: int, block_table: torch.Tensor, length: int, padded_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, layer: int, block_table: torch.Tensor, length: int, padded_length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[num_kv_heads, L, head_dim]`` of positions ``[0, length)``, all ranks' heads.
 
         With ``padded_length``, ``L`` is that many positions and everything past ``length`` is zero.
