@@ -1,0 +1,749 @@
+"""The block manager: the leader's brain. It decides which block lives in which tier slot, what a new
+request can skip, and what each step must load and store. Pure bookkeeping: no bytes, no torch.
+
+The TRT-LLM connector calls, per request: :meth:`~BlockManager.match` (``get_num_new_matched_tokens``),
+:meth:`~BlockManager.allocated` (``update_state_after_alloc``), :meth:`~BlockManager.finish`
+(``request_finished``); per step :meth:`~BlockManager.schedule` (``build_connector_meta``); and
+:meth:`~BlockManager.apply_results` with rank 0's operation results. Every transfer is two-phase:
+planned here (its slots protected: stores write ``WRITING`` slots, loads read ``HELD`` ones) and
+completed only by its result.
+
+Choices:
+
+- **Matching.** After the device-reused prefix (which must be block-aligned, else nothing is
+  matched: partial reuse), the contiguous run of blocks found in the host tier or, where the host
+  lacks one, in the disk tier; it stops at the first block in neither. At most
+  ``floor((prompt_len - 1) / tokens_per_block)`` blocks in total (device ones included) are
+  promised, so the engine always computes at least one token. The run is then cut by the cost
+  model (:mod:`~kvbm_core.leader.cost_model`). Promised slots are held until their load's result.
+  ``load_async`` is True exactly when disk blocks are promised.
+- **Onboarding.** ``allocated`` pairs the promised blocks with the device ids from index
+  ``device_blocks`` on; their ``H2D``/``DISK2D`` operations go out in the next :meth:`schedule`,
+  whether or not the engine scheduled the request (asynchronous loads park it).
+- **Offload.** Each step, every block that becomes full in that step's forward and was neither
+  device-reused nor onboarded is a candidate (a per-request cursor). With
+  ``host_offload_prefix_min_priority > 0`` only the leading run of candidates whose retention
+  priority (``RequestData.priorities``, 35 where absent) reaches the threshold is offloaded, and
+  offload stops for the rest of the request at the first lower one. Candidates go device -> host
+  (write-through ``D2H``), or device -> disk (``D2DISK``) in the disk-only profile. A block whose key
+  the target already holds or is writing is skipped (also when two requests of one step compute it).
+  When the target is full of held or writing slots, the leading candidates get the free slots and
+  the rest are not offloaded. Blocks are only hashed from tokens the engine reported, so a block
+  whose last token is still unknown (overlap scheduler, draft tokens) waits for a later step.
+- **Host -> disk** runs in the background (``H2DISK``), at most :data:`MAX_DISK_OFFLOAD_IN_FLIGHT`
+  blocks in flight, behind the disk admission filter. A block is *offered* to the filter on every
+  completed host store, on every skipped duplicate host store (the same block computed again) and on
+  every host hit (match) - unless the disk already holds or writes it. Dynamo offers only
+  re-registrations, so a block that is only ever read back from the host never reaches disk; here
+  each read counts as a sighting.
+- **Failures.** A failed operation is never counted as done. A failed store frees its slots. A
+  failed load drops the failing slots from the index (their bytes are bad; ``failed_blocks``, or all
+  of the operation's slots when it names none) and marks the request failed
+  (:attr:`BlockManager.failed_requests`); such a request plans no further stores. A store's result is
+  applied only once every load of its request succeeded (until then it waits): KV computed on top of
+  a failed load is never registered.
+- **Finishing.** :meth:`finish` returns True iff any operation was ever planned for the request; the
+  request is forgotten once all of them have results. Promises that never became loads are released.
+- **Events**: every tier change and request milestone fires a registry hook (see
+  :mod:`kvbm_core.hookspecs`): ``kvbm_blocks_stored``, ``kvbm_blocks_removed``,
+  ``kvbm_blocks_onboarded``, ``kvbm_blocks_offloaded``, ``kvbm_request_matched``,
+  ``kvbm_request_finished``, ``kvbm_transfer_failed``. (``kvbm_pipeline_built``/``_closed`` are the
+  connector's to fire.)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import structlog
+
+from kvbm_core.channel import WorkerConfig
+from kvbm_core.errors import KvbmError
+from kvbm_core.identity import KeySpace, Namespace, dynamo_salt_hash
+from kvbm_core.layout import BlockLayout
+from kvbm_core.leader.cost_model import CostModel
+from kvbm_core.leader.disk_queue import DiskOffloadQueue
+from kvbm_core.leader.request import RequestPhase, RequestSlot, RequestStateError
+from kvbm_core.leader.slot_state import SlotState
+from kvbm_core.leader.stats import LeaderStats, StatsBook
+from kvbm_core.leader.tier_state import ABSENT, DEFAULT_PRIORITY, TierState
+from kvbm_core.leader.tiers import build_tiers
+from kvbm_core.ops import LOADS, NO_REQUEST, STORES, OpResult, Route, StepOps
+from kvbm_core.registry import Registry
+from kvbm_core.settings.model import KvbmSettings
+
+log = structlog.get_logger("kvbm.leader")
+
+HOST, DISK, MISS = 0, 1, -1
+"""Codes of where a matched block loads from (index into ``BlockManager._tiers``)."""
+
+MAX_DISK_OFFLOAD_IN_FLIGHT = 256
+"""Host -> disk blocks planned but not yet reported (bounds host slots held by background reads)."""
+
+MAX_FAILED_REMEMBERED = 65_536
+"""How many failed request ids :attr:`BlockManager.failed_requests` keeps (oldest dropped first)."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """The answer to ``get_num_new_matched_tokens``: tokens promised and where they come from."""
+
+    num_tokens: int
+    host_blocks: int
+    disk_blocks: int
+    load_async: bool
+
+
+NO_MATCH = Match(0, 0, 0, False)
+
+
+class RequestLike(Protocol):
+    """What :meth:`BlockManager.schedule` reads of TRT-LLM's ``RequestData`` (``priorities`` optional)."""
+
+    request_id: int
+    new_tokens: Sequence[int]
+    new_block_ids: Sequence[int]
+    computed_position: int
+    num_scheduled_tokens: int
+
+
+@dataclass(eq=False)
+class PlannedOp:
+    """An operation handed to the workers and not yet reported back."""
+
+    op_id: int
+    route: Route
+    request_id: int
+    src: np.ndarray
+    dst: np.ndarray
+    keys: np.ndarray
+    seq: np.ndarray
+    tier: TierState  # the tier side: read for loads and H2DISK (host), written for stores
+
+
+class BlockManager:
+    """The leader's block bookkeeping for one engine instance (see the module docstring)."""
+
+    def __init__(self, settings: KvbmSettings, layout: BlockLayout, *, world_size: int, model_id: str,
+                 registry: Registry, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.world_size = world_size
+        self.model_id = model_id
+        self.registry = registry
+        self.clock = clock
+        self.tokens_per_block = layout.tokens_per_block
+        self.namespace = Namespace.from_layout(layout, model_id, world_size)
+        tiers = build_tiers(settings, layout, world_size, registry, clock)
+        self.host: TierState | None = tiers.host
+        self.disk: TierState | None = tiers.disk
+        self.plan = tiers.plan
+        self._tiers = (self.host, self.disk)
+        self._kinds = tuple(t.kind if t is not None else "" for t in self._tiers)
+        self._disk_filter = tiers.disk_filter
+        self.worker_config = WorkerConfig(settings, tiers.allocations, self.namespace.digest, world_size)
+        self._cost = CostModel(settings.cost_model, layout.bytes_per_block, layout.tokens_per_block, tiers.read_gbps)
+        self._target = self.host if self.host is not None else self.disk
+        self._store_route = Route.D2H if self.host is not None else Route.D2DISK
+        self._min_priority = settings.host_offload_prefix_min_priority
+        self._default_space = self.namespace.key_space(None)
+        self._default_salt_hash = dynamo_salt_hash()
+        self._requests: dict[int, RequestSlot] = {}
+        self._ops: dict[int, PlannedOp] = {}
+        self._next_op_id = 1
+        self._step = 0
+        self._config_sent = False
+        self._to_onboard: dict[int, None] = {}
+        self._disk_queue = DiskOffloadQueue(self.host.num_slots if self.host is not None else 1)
+        self._disk_in_flight = 0
+        self._failed: OrderedDict[int, None] = OrderedDict()
+        self._stats = StatsBook(settings.cache_stats.max_requests)
+
+    # ================================================================================ queries
+    @property
+    def stats(self) -> LeaderStats:
+        return self._stats.snapshot()
+
+    @property
+    def failed_requests(self) -> set[int]:
+        """Requests whose promised load failed (the most recent :data:`MAX_FAILED_REMEMBERED`)."""
+        return set(self._failed)
+
+    def request_ops(self, request_id: int) -> set[int]:
+        """Every op id planned for the request while the leader still tracks it."""
+        req = self._requests.get(request_id)
+        return set(req.ops) if req is not None else set()
+
+    @property
+    def num_pending_ops(self) -> int:
+        """Operations planned and not yet reported."""
+        return len(self._ops)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests the leader still tracks (unfinished, or finished with operations in flight)."""
+        return len(self._requests)
+
+    def bandwidth_gbps(self, kind: str) -> float:
+        """The cost model's current onboard bandwidth estimate for a tier kind."""
+        return self._cost.bandwidth_gbps(kind)
+
+    # ================================================================================= match
+    def match(self, request_id: int, tokens: Sequence[int], num_device_tokens: int, *,
+              cache_salt: str | None = None) -> Match:
+        """How many prompt tokens after the device prefix the tiers can provide; pins them."""
+        req = self._requests.get(request_id)
+        if req is not None:
+            self._forget_unstarted(req)
+        req = RequestSlot(request_id)
+        req.move(RequestPhase.MATCHED)
+        space, salt_hash = self._key_space(cache_salt)
+        req.start_hashing(space, tokens, salt_hash)
+        req.prompt = tokens
+        self._requests[request_id] = req
+        assert req.hasher is not None
+        num_tokens = req.hasher.num_tokens
+        req.device_blocks = req.evaluated = num_device_tokens // self.tokens_per_block
+        result = self._lookup(req, num_tokens, num_device_tokens)
+        self._stats.requested_tokens += num_tokens
+        self._stats.matched_tokens += result.num_tokens
+        tpb = self.tokens_per_block
+        self.registry.notify("kvbm_request_matched", request_id=request_id, requested_tokens=num_tokens,
+                             device_tokens=num_device_tokens, host_tokens=result.host_blocks * tpb,
+                             disk_tokens=result.disk_blocks * tpb)
+        return result
+
+    def _lookup(self, req: RequestSlot, num_tokens: int, num_device_tokens: int) -> Match:
+        tpb = self.tokens_per_block
+        if num_device_tokens % tpb or self._target is None:
+            return NO_MATCH
+        limit = (num_tokens - 1) // tpb
+        start = req.device_blocks
+        if start >= limit:
+            return NO_MATCH
+        req.looked_up = True
+        req.queried = limit - start
+        assert req.hasher is not None
+        keys = req.hasher.keys(limit)[start:]
+        codes = np.full(len(keys), MISS, np.int8)
+        slots = np.full(len(keys), ABSENT, np.int64)
+        host, disk = self.host, self.disk
+        if host is not None:
+            found = host.lookup(keys)
+            ok = host.matchable(found)
+            codes[ok] = HOST
+            slots[ok] = found[ok]
+        if disk is not None:
+            rest = np.flatnonzero(codes == MISS)
+            if len(rest):
+                found = disk.lookup(keys[rest])
+                ok = disk.matchable(found)
+                codes[rest[ok]] = DISK
+                slots[rest[ok]] = found[ok]
+        misses = np.flatnonzero(codes == MISS)
+        run = int(misses[0]) if len(misses) else len(codes)
+        k = self._cost.best_prefix(codes[:run], self._kinds)
+        if k == 0:
+            return NO_MATCH
+        codes, slots = codes[:k], slots[:k]
+        from_host = codes == HOST
+        n_host = int(np.count_nonzero(from_host))
+        n_disk = k - n_host
+        if n_host:
+            host.hold(slots[from_host])  # type: ignore[union-attr]
+        if n_disk:
+            disk.hold(slots[~from_host])  # type: ignore[union-attr]
+        req.promised_tier, req.promised_slots = codes, slots
+        req.host_hits, req.disk_hits = n_host, n_disk
+        req.evaluated = start + k
+        if n_host and disk is not None:
+            self._offer_for_disk(keys[:k][from_host])
+        return Match(k * tpb, n_host, n_disk, n_disk > 0)
+
+    def _key_space(self, cache_salt: str | None) -> tuple[KeySpace, int]:
+        if cache_salt is None:
+            return self._default_space, self._default_salt_hash
+        return self.namespace.key_space(cache_salt), dynamo_salt_hash(cache_salt)
+
+    # ============================================================================= allocated
+    def allocated(self, request_id: int, block_ids: Sequence[int]) -> None:
+        """The engine allocated the request's prompt blocks (all of them, in prompt order)."""
+        req = self._requests.get(request_id)
+        if req is None:
+            req = self._requests[request_id] = RequestSlot(request_id)
+        if req.phase is RequestPhase.FINISHED:
+            return
+        req.move(RequestPhase.ALLOCATED)
+        req.block_ids = list(block_ids)
+        if req.num_promised:
+            if len(req.block_ids) < req.promise_end_block:
+                self._release_promise(req)
+                self._fail(req, f"engine allocated {len(req.block_ids)} blocks, fewer than the "
+                                f"{req.promise_end_block} the promise covers")
+            else:
+                self._to_onboard[request_id] = None
+
+    # ============================================================================== schedule
+    def schedule(self, new_requests: Sequence[RequestLike], cached_requests: Sequence[RequestLike]) -> StepOps:
+        """One step's operations: onboards of newly allocated requests, stores of blocks this step
+        fills, and background host -> disk offloads."""
+        planned: list[PlannedOp] = []
+        self._emit_onboards(planned)
+        candidates: list[tuple[RequestSlot, int, int]] = []
+        requests, tpb, finished = self._requests, self.tokens_per_block, RequestPhase.FINISHED
+        for reports in (new_requests, cached_requests):
+            for report in reports:  # the common case (a running request, one new token) stays inline
+                req = requests.get(report.request_id)
+                if req is None or not req.reported:
+                    req, start = self._first_report(report, req)
+                    if req is None:
+                        continue
+                elif req.phase is finished:
+                    continue
+                else:
+                    tokens = report.new_tokens
+                    if len(tokens):
+                        if type(tokens) is list:
+                            req.hasher.tokens.extend(tokens)  # type: ignore[union-attr]
+                        else:
+                            req.hasher.append(tokens)  # type: ignore[union-attr]
+                    block_ids = report.new_block_ids
+                    if len(block_ids):
+                        self._more_blocks(req, block_ids, getattr(report, "priorities", None))
+                    start = report.computed_position
+                full = (start + report.num_scheduled_tokens) // tpb
+                low = req.evaluated
+                if full <= low:
+                    continue
+                # blocks are only hashed from reported tokens, and need a device block id
+                full = min(full, len(req.hasher.tokens) // tpb, len(req.block_ids))  # type: ignore[union-attr]
+                if full <= low:
+                    continue
+                req.evaluated = full
+                if not (req.failed or req.offload_stopped or self._target is None):
+                    candidates.append((req, low, full))
+        if candidates:
+            self._plan_stores(candidates, planned)
+        self._plan_disk_offloads(planned)
+        config = None
+        if not self._config_sent:
+            config, self._config_sent = self.worker_config, True
+        step = self._step
+        self._step += 1
+        return StepOps.build(step, [(op.op_id, op.route, op.request_id, op.src, op.dst, op.keys) for op in planned],
+                             worker_config=config)
+
+    def _emit_onboards(self, planned: list[PlannedOp]) -> None:
+        for request_id in self._to_onboard:
+            req = self._requests.get(request_id)
+            if req is None or req.phase is RequestPhase.FINISHED or req.loads_emitted or not req.num_promised:
+                continue
+            lo, hi = req.device_blocks, req.promise_end_block
+            assert req.hasher is not None
+            keys = req.hasher.keys(hi)[lo:]
+            device = np.asarray(req.block_ids[lo:hi], np.int64)
+            if any(self._doomed(code, req) for code in (HOST, DISK)):
+                self._release_promise(req)
+                self._fail(req, "a promised block was found bad before its load")
+                continue
+            req.loads_emitted = True
+            for code, route in ((HOST, Route.H2D), (DISK, Route.DISK2D)):
+                mine = req.promised_tier == code
+                if mine.any():
+                    op = self._new_op(route, req, req.promised_slots[mine], device[mine], keys[mine],
+                                      np.zeros(int(mine.sum()), np.uint64), self._tiers[code])  # type: ignore[arg-type]
+                    req.pending_loads.add(op.op_id)
+                    planned.append(op)
+            if req.phase is RequestPhase.ALLOCATED:
+                req.move(RequestPhase.ACTIVE)
+        self._to_onboard.clear()
+
+    def _doomed(self, code: int, req: RequestSlot) -> bool:
+        tier = self._tiers[code]
+        mine = req.promised_slots[req.promised_tier == code]
+        return tier is not None and bool(len(mine)) and bool((tier.state[mine] == SlotState.DOOMED).any())
+
+    def _first_report(self, report: RequestLike, req: RequestSlot | None) -> tuple[RequestSlot | None, int]:
+        """A request's first scheduler-output entry: the whole prompt and all its prompt blocks.
+
+        Returns the request (None when it already finished) and the first computed position of
+        this step's forward: the device prefix plus the promised tokens for a synchronous load (the
+        engine subtracts them from ``computed_position`` in this one report), the reported position
+        otherwise (an asynchronously loaded request reports with its loaded tokens included).
+        """
+        request_id = report.request_id
+        if req is None:
+            req = self._requests[request_id] = RequestSlot(request_id)
+        if req.phase is RequestPhase.FINISHED:
+            return None, 0
+        if req.hasher is None:  # never matched (e.g. block reuse off): the report tells the salt, if any
+            space, salt_hash = self._key_space(getattr(report, "cache_salt", None))
+            req.start_hashing(space, (), salt_hash)
+        hasher = req.hasher
+        assert hasher is not None
+        tokens, block_ids = report.new_tokens, report.new_block_ids
+        req.reported = True
+        if req.phase is not RequestPhase.ACTIVE:
+            req.move(RequestPhase.ACTIVE)
+        if req.prompt is not None:  # matched: the first report must carry the prompt it matched
+            extra = self._check_prompt(req, tokens)
+            if extra is not None and len(extra):
+                hasher.append(extra)
+        else:
+            hasher.append(tokens)
+        if len(block_ids):
+            ids = list(block_ids)
+            lo, hi = req.device_blocks, req.promise_end_block
+            if req.loads_emitted and ids[lo:hi] != req.block_ids[lo:hi]:
+                self._fail(req, "the first report's block ids differ from the allocated ones")
+            req.block_ids = ids
+            priorities = getattr(report, "priorities", None)
+            req.priorities = list(priorities) if priorities is not None else []
+        tpb = self.tokens_per_block
+        start = report.computed_position
+        if req.num_promised and not req.failed:
+            start = max(start, req.promise_end_block * tpb)
+        req.evaluated = max(req.evaluated, start // tpb)
+        return req, start
+
+    def _more_blocks(self, req: RequestSlot, block_ids: Sequence[int], priorities: Sequence[int] | None) -> None:
+        """Device blocks appended in decode (or later chunks), with their retention priorities."""
+        if len(req.priorities) < len(req.block_ids):
+            req.priorities.extend([DEFAULT_PRIORITY] * (len(req.block_ids) - len(req.priorities)))
+        req.block_ids.extend(block_ids)
+        if priorities is not None:
+            req.priorities.extend(priorities)
+
+    def _check_prompt(self, req: RequestSlot, tokens: Sequence[int]) -> Sequence[int] | None:
+        """Tokens past the matched prompt, or None after failing the request on a mismatch."""
+        prompt = req.prompt
+        assert prompt is not None
+        req.prompt = None
+        n = len(prompt)
+        if tokens is prompt:
+            return ()
+        head = tokens[:n]
+        same = len(tokens) >= n and (
+            head == prompt if isinstance(head, list) and isinstance(prompt, list)
+            else np.array_equal(np.asarray(head), np.asarray(prompt))
+        )
+        if not same:
+            self._fail(req, "the engine reported other prompt tokens than it matched")
+            return None
+        return tokens[n:]
+
+    # ---------------------------------------------------------------------------------- stores
+    def _plan_stores(self, candidates: list[tuple[RequestSlot, int, int]], planned: list[PlannedOp]) -> None:
+        target = self._target
+        assert target is not None
+        owners: list[RequestSlot] = []
+        parts_keys, parts_dev, parts_prio, parts_seq, parts_owner = [], [], [], [], []
+        threshold = self._min_priority
+        for req, lo, hi in candidates:
+            prio = self._priorities(req, lo, hi)
+            if threshold > 0:
+                below = np.flatnonzero(prio < threshold)
+                if len(below):
+                    req.offload_stopped = True
+                    hi = lo + int(below[0])
+                    prio = prio[: hi - lo]
+            if hi <= lo:
+                continue
+            assert req.hasher is not None
+            parts_keys.append(req.hasher.keys(hi)[lo:hi])
+            parts_dev.append(np.asarray(req.block_ids[lo:hi], np.int64))
+            parts_prio.append(prio)
+            parts_seq.append(req.seq_hashes(lo, hi))
+            parts_owner.append(np.full(hi - lo, len(owners), np.int64))
+            owners.append(req)
+        if not owners:
+            return
+        keys = np.concatenate(parts_keys)
+        device = np.concatenate(parts_dev)
+        prio = np.concatenate(parts_prio)
+        seq = np.concatenate(parts_seq)
+        owner = np.concatenate(parts_owner)
+        existing = target.lookup(keys)
+        fresh = existing == ABSENT
+        if len(owners) > 1:  # the same block computed by two requests of this step: store it once
+            _, first = np.unique(keys[:, 0], return_index=True)
+            once = np.zeros(len(keys), bool)
+            once[first] = True
+            duplicate = (existing >= 0) | (fresh & ~once)
+            fresh &= once
+        else:
+            duplicate = existing >= 0
+        rows = np.flatnonzero(fresh)
+        slots, ev_keys, ev_seq = target.allocate(len(rows))
+        self._removed(target, ev_keys, ev_seq)
+        rows = rows[: len(slots)]
+        if len(rows):
+            target.begin_write(slots, keys[rows], seq[rows], prio[rows])
+            row_owner = owner[rows]
+            bounds = np.flatnonzero(np.diff(row_owner)) + 1
+            for part in np.split(np.arange(len(rows)), bounds):
+                req = owners[int(row_owner[part[0]])]
+                r = rows[part]
+                planned.append(self._new_op(self._store_route, req, device[r], slots[part], keys[r], seq[r], target))
+        if target is self.host and self.disk is not None and duplicate.any():
+            self._offer_for_disk(keys[duplicate])
+
+    def _priorities(self, req: RequestSlot, lo: int, hi: int) -> np.ndarray:
+        known = req.priorities[lo:hi]
+        if len(known) == hi - lo:
+            return np.asarray(known, np.int16)
+        out = np.full(hi - lo, DEFAULT_PRIORITY, np.int16)
+        out[: len(known)] = known
+        return out
+
+    # -------------------------------------------------------------------------- host -> disk
+    def _offer_for_disk(self, keys: np.ndarray) -> None:
+        """Offer host blocks to the disk admission filter; admitted ones queue for ``H2DISK``."""
+        disk = self.disk
+        if disk is None or len(keys) == 0:
+            return
+        keys = keys[disk.lookup(keys) == ABSENT]
+        if len(keys) and self._disk_filter is not None:
+            keys = keys[np.asarray(self._disk_filter.admit(keys), bool)]
+        if len(keys):
+            self._disk_queue.push(keys)
+
+    def _plan_disk_offloads(self, planned: list[PlannedOp]) -> None:
+        host, disk = self.host, self.disk
+        room = MAX_DISK_OFFLOAD_IN_FLIGHT - self._disk_in_flight
+        if host is None or disk is None or room <= 0 or not len(self._disk_queue):
+            return
+        keys = self._disk_queue.take(room)
+        src = host.lookup(keys)
+        in_host = src >= 0
+        writing = np.zeros(len(keys), bool)
+        writing[in_host] = host.state[src[in_host]] == SlotState.WRITING
+        if writing.any():
+            self._disk_queue.push(keys[writing])  # not readable yet: retry in a later step
+        readable = host.matchable(src)
+        readable[readable] = disk.lookup(keys[readable]) == ABSENT
+        rows = np.flatnonzero(readable)
+        if not len(rows):
+            return
+        slots, ev_keys, ev_seq = disk.allocate(len(rows))
+        self._removed(disk, ev_keys, ev_seq)
+        rows = rows[: len(slots)]
+        if not len(rows):
+            return
+        src = src[rows]
+        keys = keys[rows]
+        seq = host.seq[src].copy()
+        host.hold(src)
+        disk.begin_write(slots, keys, seq, host.priority[src])
+        self._disk_in_flight += len(rows)
+        planned.append(self._new_op(Route.H2DISK, None, src, slots, keys, seq, host))
+
+    def _new_op(self, route: Route, req: RequestSlot | None, src: np.ndarray, dst: np.ndarray, keys: np.ndarray,
+                seq: np.ndarray, tier: TierState) -> PlannedOp:
+        op_id = self._next_op_id
+        self._next_op_id += 1
+        op = PlannedOp(op_id, route, req.request_id if req is not None else NO_REQUEST,
+                       np.asarray(src, np.int64), np.asarray(dst, np.int64), np.ascontiguousarray(keys, np.uint64),
+                       seq, tier)
+        self._ops[op_id] = op
+        if req is not None:
+            req.ops.add(op_id)
+            req.pending.add(op_id)
+        return op
+
+    # ============================================================================== results
+    def apply_results(self, results: Sequence[OpResult]) -> None:
+        """Complete (or fail) operations from rank 0's results; unknown op ids are logged and ignored."""
+        for result in results:
+            op = self._ops.pop(result.op_id, None)
+            if op is None:
+                log.warning("result for an operation that is not pending", op_id=result.op_id)
+                continue
+            req = self._requests.get(op.request_id) if op.request_id != NO_REQUEST else None
+            failed = (not result.ok) or bool(result.failed_blocks)
+            if failed:
+                self._stats.failed_ops += 1
+                log.warning("operation failed", op_id=op.op_id, route=op.route.label, request_id=op.request_id,
+                            error=result.error)
+                self.registry.notify("kvbm_transfer_failed", route=op.route.label, op_id=op.op_id,
+                                     request_id=op.request_id, error=result.error or "failed")
+            if op.route in STORES:
+                if req is not None and req.pending_loads and not failed:
+                    req.deferred.append((op, result))  # applied once the request's loads are through
+                    continue
+                self._finish_store(op, result, failed or (req is not None and req.failed))
+            elif op.route in LOADS:
+                self._finish_load(op, result, failed, req)
+            else:
+                self._finish_disk_offload(op, result, failed)
+            if req is not None:
+                req.pending.discard(op.op_id)
+                self._forget_if_done(req)
+
+    def _finish_store(self, op: PlannedOp, result: OpResult, discard: bool) -> None:
+        tier = op.tier
+        if discard:
+            tier.abort_write(op.dst)
+            return
+        tier.complete_write(op.dst)
+        n = len(op.dst)
+        self._stats.blocks[op.route] += n
+        self.registry.notify("kvbm_blocks_stored", tier=tier.kind, route=op.route.label, keys=op.keys, seq_hashes=op.seq)
+        self.registry.notify("kvbm_blocks_offloaded", route=op.route.label, num_blocks=n, num_bytes=result.num_bytes,
+                             seconds=result.seconds)
+        if tier is self.host:
+            self._offer_for_disk(op.keys)
+
+    def _finish_load(self, op: PlannedOp, result: OpResult, failed: bool, req: RequestSlot | None) -> None:
+        tier = op.tier
+        n = len(op.src)
+        if failed:
+            bad = np.asarray(result.failed_blocks, np.int64) if result.failed_blocks else np.arange(n)
+            bad = np.unique(bad[(bad >= 0) & (bad < n)])
+            self._removed(tier, *tier.invalidate(op.src[bad]))
+            tier.release(op.src)
+            if req is not None:
+                self._fail(req, f"{op.route.label} load failed: {result.error or 'bad blocks'}")
+        else:
+            tier.release(op.src)
+            self._stats.blocks[op.route] += n
+            self._cost.observe(tier.kind, result.num_bytes, result.seconds)
+            self.registry.notify("kvbm_blocks_onboarded", tier=tier.kind, request_id=op.request_id, num_blocks=n,
+                                 num_bytes=result.num_bytes, seconds=result.seconds)
+        if req is not None:
+            req.pending_loads.discard(op.op_id)
+            if not req.pending_loads and req.deferred:
+                deferred, req.deferred = req.deferred, []
+                for store, store_result in deferred:
+                    self._finish_store(store, store_result, req.failed)
+                    req.pending.discard(store.op_id)
+
+    def _finish_disk_offload(self, op: PlannedOp, result: OpResult, failed: bool) -> None:
+        disk = self.disk
+        assert disk is not None
+        # A host slot found bad by another read while this copy ran: its copy is not kept either.
+        bad = np.ones(len(op.src), bool) if failed else op.tier.state[op.src] == SlotState.DOOMED
+        op.tier.release(op.src)
+        self._disk_in_flight -= len(op.src)
+        if bad.any():
+            disk.abort_write(op.dst[bad])
+        good = ~bad
+        n = int(np.count_nonzero(good))
+        if not n:
+            return
+        disk.complete_write(op.dst[good])
+        self._stats.blocks[Route.H2DISK] += n
+        self.registry.notify("kvbm_blocks_stored", tier=disk.kind, route=Route.H2DISK.label, keys=op.keys[good],
+                             seq_hashes=op.seq[good])
+        self.registry.notify("kvbm_blocks_offloaded", route=Route.H2DISK.label, num_blocks=n,
+                             num_bytes=result.num_bytes, seconds=result.seconds)
+
+    # =============================================================================== finish
+    def finish(self, request_id: int) -> bool:
+        """The request finished or was cancelled. True iff any operation was ever planned for it."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        if req.phase is RequestPhase.FINISHED:
+            return bool(req.ops)
+        if not req.loads_emitted:
+            self._release_promise(req)
+        self._to_onboard.pop(request_id, None)
+        if req.looked_up:
+            self._stats.window.add(req.queried, req.host_hits, req.disk_hits)
+        self.registry.notify("kvbm_request_finished", request_id=request_id, queried_blocks=req.queried,
+                             host_hit_blocks=req.host_hits, disk_hit_blocks=req.disk_hits)
+        req.move(RequestPhase.FINISHED)
+        self._forget_if_done(req)
+        return bool(req.ops)
+
+    def _forget_if_done(self, req: RequestSlot) -> None:
+        if req.phase is RequestPhase.FINISHED and not req.pending and self._requests.get(req.request_id) is req:
+            del self._requests[req.request_id]
+
+    def _forget_unstarted(self, req: RequestSlot) -> None:
+        """``match`` again for a known request: allowed only before any operation was planned."""
+        if req.ops or req.phase not in (RequestPhase.MATCHED, RequestPhase.ALLOCATED, RequestPhase.FINISHED):
+            raise RequestStateError(req.request_id, f"matched again while {req.phase.value if req.phase else 'new'}"
+                                                    " with operations planned")
+        if not req.loads_emitted:
+            self._release_promise(req)
+        self._to_onboard.pop(req.request_id, None)
+        del self._requests[req.request_id]
+
+    def _release_promise(self, req: RequestSlot) -> None:
+        """Let go of promised slots that never became loads."""
+        if req.loads_emitted or not req.num_promised:
+            return
+        for code, tier in enumerate(self._tiers):
+            mine = req.promised_slots[req.promised_tier == code]
+            if tier is not None and len(mine):
+                tier.release(mine)
+        req.promised_tier = np.zeros(0, np.int8)
+        req.promised_slots = np.zeros(0, np.int64)
+
+    def _fail(self, req: RequestSlot, reason: str) -> None:
+        if not req.failed:
+            log.warning("request failed", request_id=req.request_id, reason=reason)
+        req.failed = True
+        self._failed[req.request_id] = None
+        self._failed.move_to_end(req.request_id)
+        while len(self._failed) > MAX_FAILED_REMEMBERED:
+            self._failed.popitem(last=False)
+
+    def _removed(self, tier: TierState, keys: np.ndarray, seq: np.ndarray) -> None:
+        if len(keys):
+            self.registry.notify("kvbm_blocks_removed", tier=tier.kind, keys=keys, seq_hashes=seq)
+
+    # ============================================================================== restart
+    def recovered(self, kind: str, slots: np.ndarray, keys: np.ndarray) -> None:
+        """Blocks a restarted tier found valid at start become matchable (slots in use are skipped)."""
+        tier = next((t for t in self._tiers if t is not None and t.kind == kind), None)
+        if tier is None:
+            raise KvbmError(f"recovered blocks for tier kind {kind!r}, which this pipeline does not have "
+                            f"(tiers: {[t.kind for t in self._tiers if t is not None]})")
+        taken = tier.recover(slots, keys)
+        if len(taken):
+            self.registry.notify("kvbm_blocks_stored", tier=kind, route="restored", keys=tier.keys[taken].copy(),
+                                 seq_hashes=np.zeros(len(taken), np.uint64))
+
+    # =============================================================================== checks
+    def verify(self) -> None:
+        """Check cross-structure invariants (tests call this after every step); raises AssertionError.
+
+        Every hold is accounted for by an unreported load or host -> disk read, or by a promise not
+        yet turned into loads; every ``WRITING`` slot is the target of exactly one store or host ->
+        disk write whose result is pending or deferred; every pending op id of a request is known.
+        """
+        tiers = [t for t in self._tiers if t is not None]
+        holds = {id(t): np.zeros(t.num_slots, np.int64) for t in tiers}
+        writes = {id(t): np.zeros(t.num_slots, np.int64) for t in tiers}
+        deferred = [op for req in self._requests.values() for op, _ in req.deferred]
+        for op in [*self._ops.values(), *deferred]:
+            if op.route in STORES:
+                np.add.at(writes[id(op.tier)], op.dst, 1)
+            elif op.route in LOADS:
+                np.add.at(holds[id(op.tier)], op.src, 1)
+            else:
+                np.add.at(holds[id(self.host)], op.src, 1)
+                np.add.at(writes[id(self.disk)], op.dst, 1)
+        deferred_ids = {op.op_id for op in deferred}
+        for req in self._requests.values():
+            if req.num_promised and not req.loads_emitted:
+                for code, tier in enumerate(self._tiers):
+                    if tier is not None:
+                        np.add.at(holds[id(tier)], req.promised_slots[req.promised_tier == code], 1)
+            assert req.pending <= req.ops, req.request_id
+            assert all(i in self._ops or i in deferred_ids for i in req.pending), req.request_id
+            assert req.pending_loads <= req.pending, req.request_id
+        for t in tiers:
+            t.verify()
+            assert np.array_equal(holds[id(t)], t.holds), (t.kind, np.flatnonzero(holds[id(t)] != t.holds)[:5])
+            assert (writes[id(t)] <= 1).all(), (t.kind, "two writes in flight to one slot")
+            assert np.array_equal(writes[id(t)] == 1, t.state == SlotState.WRITING), t.kind
+        assert self._disk_in_flight == sum(len(op.src) for op in self._ops.values() if op.route == Route.H2DISK)

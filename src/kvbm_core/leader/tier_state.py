@@ -1,0 +1,244 @@
+"""The logical state of one tier: which block lives in which slot, and who may touch it.
+
+A :class:`TierState` owns, per slot, its :class:`~kvbm_core.leader.slot_state.SlotState`, its hold
+count (promises plus in-flight reads), its key, Dynamo sequence hash and retention priority; plus the
+key -> slot index, the free list and the tier's :class:`~kvbm_core.interfaces.EvictionPolicy`. It
+owns no bytes and plans no operations: the block manager calls it.
+
+Choices:
+
+- **Index** (:class:`~kvbm_core.leader.key_index.KeyIndex`, vectorized): keyed by a key's first
+  64-bit lane; every hit is confirmed on the second lane. A *different* key whose first lane is
+  already indexed (probability about 2**-64 per pair) is reported as :data:`CLASH`: neither matched
+  nor stored in this tier.
+- **Allocation** takes free slots first, then victims from the eviction policy. Only ``READY``
+  slots are ever evicted; a slot referenced by an unreported operation is ``WRITING`` or ``HELD``.
+- **Lazy removal from the policy.** A ``READY`` slot that becomes ``HELD`` stays in the policy
+  (telling the policy slot by slot would cost a Python call per matched block); when the policy
+  offers it as a victim the tier skips it, and when its last hold goes the slot is added again, as
+  the most recently used. The policy thus sees the same ``add``/``discard``/``victim`` calls with
+  one relaxation: it may hold slots that are no longer evictable, which this class filters.
+- Every state change goes through :meth:`_move`, which checks the whole batch against
+  :data:`~kvbm_core.leader.slot_state.TRANSITIONS` and raises :class:`SlotStateError` naming the
+  first offending slot: an illegal transition is a bug, never silently absorbed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kvbm_core.errors import KvbmError
+from kvbm_core.interfaces import EvictionPolicy, TierLevel
+from kvbm_core.leader.key_index import KeyIndex
+from kvbm_core.leader.slot_state import MATCHABLE_MASK, TRANSITIONS, SlotState
+
+ABSENT = -1
+CLASH = -2
+DEFAULT_PRIORITY = 35
+"""TRT-LLM's default retention priority, used where the engine reports none."""
+
+
+class SlotStateError(KvbmError):
+    """An operation asked for a slot transition that :mod:`slot_state` does not allow."""
+
+    def __init__(self, tier: str, slot: int, state: SlotState, target: SlotState):
+        self.tier, self.slot, self.state, self.target = tier, slot, state, target
+        super().__init__(f"tier {tier!r} slot {slot}: illegal transition {state.name} -> {target.name}")
+
+
+class TierState:
+    """Slots of one tier (``kind`` at ``level``), as the leader sees them."""
+
+    def __init__(self, kind: str, level: TierLevel, num_slots: int, policy: EvictionPolicy) -> None:
+        self.kind = kind
+        self.level = level
+        self.num_slots = num_slots
+        self.policy = policy
+        self.state = np.zeros(num_slots, np.int8)
+        self.holds = np.zeros(num_slots, np.int32)
+        self.keys = np.zeros((num_slots, 2), np.uint64)
+        self.seq = np.zeros(num_slots, np.uint64)
+        self.priority = np.full(num_slots, DEFAULT_PRIORITY, np.int16)
+        self._index = KeyIndex(num_slots)
+        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        self._tick = 0
+
+    # ------------------------------------------------------------------------------ queries
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Slot of each key (any registered state), :data:`ABSENT`, or :data:`CLASH`."""
+        found = self._index.get(keys[:, 0])
+        hit = found >= 0
+        if hit.any():
+            wrong = hit.copy()
+            wrong[hit] = self.keys[found[hit], 1] != keys[hit, 1]
+            found[wrong] = CLASH
+        return found
+
+    def matchable(self, slots: np.ndarray) -> np.ndarray:
+        """Which of ``slots`` (from :meth:`lookup`) hold readable bytes a request may be promised."""
+        ok = slots >= 0
+        ok[ok] = MATCHABLE_MASK[self.state[slots[ok]]]
+        return ok
+
+    def count(self, state: SlotState) -> int:
+        return int(np.count_nonzero(self.state == state))
+
+    def __len__(self) -> int:
+        """Slots holding a registered block (writing, ready or held)."""
+        return len(self._index)
+
+    # --------------------------------------------------------------------------- allocation
+    def allocate(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Up to ``n`` slots for new blocks, as ``(slots, evicted_keys, evicted_seq)``.
+
+        Evicted slots leave the index here; the caller reports them (``kvbm_blocks_removed``). The
+        returned slots are ``FREE`` and out of the free list: the caller must claim every one of
+        them with :meth:`begin_write` at once.
+        """
+        out: list[int] = []
+        free = self._free
+        while free and len(out) < n:
+            out.append(free.pop())
+        evicted: list[int] = []
+        state = self.state
+        while len(out) < n:
+            victim = self.policy.victim()
+            if victim is None:
+                break
+            if state[victim] != SlotState.READY:  # held since it was added: skipped (see module doc)
+                continue
+            evicted.append(victim)
+            out.append(victim)
+        if evicted:
+            ev = np.array(evicted, np.int64)
+            ev_keys, ev_seq = self.keys[ev].copy(), self.seq[ev].copy()
+            self._unindex(ev)
+            self._move(ev, SlotState.FREE)
+        else:
+            ev_keys, ev_seq = np.zeros((0, 2), np.uint64), np.zeros(0, np.uint64)
+        return np.array(out, np.int64), ev_keys, ev_seq
+
+    # ------------------------------------------------------------------------------ writes
+    def begin_write(self, slots: np.ndarray, keys: np.ndarray, seq: np.ndarray, priority: np.ndarray) -> None:
+        """``FREE -> WRITING``: register ``keys`` so the same blocks are not stored again."""
+        if (self._index.get(keys[:, 0]) != ABSENT).any():
+            raise KvbmError(f"tier {self.kind!r}: begin_write of a key that is already indexed (caller bug)")
+        self._move(slots, SlotState.WRITING)
+        self.keys[slots] = keys
+        self.seq[slots] = seq
+        self.priority[slots] = priority
+        self._index.insert(keys[:, 0], slots)
+
+    def complete_write(self, slots: np.ndarray) -> None:
+        """``WRITING -> READY``: the bytes are there; the blocks become matchable and evictable."""
+        self._move(slots, SlotState.READY)
+        self._make_evictable(slots)
+
+    def abort_write(self, slots: np.ndarray) -> None:
+        """``WRITING -> FREE``: the write failed (or its bytes are suspect); forget the blocks."""
+        self._unindex(slots)
+        self._move(slots, SlotState.FREE)
+        self._free.extend(slots.tolist())
+
+    def recover(self, slots: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """``FREE -> READY`` for blocks a restarted tier found valid; returns the slots taken.
+
+        Slots already in use and keys already indexed (or clashing) are skipped.
+        """
+        slots = np.asarray(slots, np.int64)
+        keys = np.asarray(keys, np.uint64).reshape(-1, 2)
+        in_range = (slots >= 0) & (slots < self.num_slots)
+        slots, keys = slots[in_range], keys[in_range]
+        _, first = np.unique(keys[:, 0], return_index=True)
+        keep = np.zeros(len(slots), bool)
+        keep[np.sort(first)] = True
+        _, first_slot = np.unique(slots, return_index=True)
+        unique_slot = np.zeros(len(slots), bool)
+        unique_slot[first_slot] = True
+        keep &= unique_slot & (self.state[slots] == SlotState.FREE) & (self.lookup(keys) == ABSENT)
+        slots, keys = slots[keep], keys[keep]
+        if len(slots):
+            self._move(slots, SlotState.WRITING)  # written by the previous run
+            self._move(slots, SlotState.READY)
+            self.keys[slots] = keys
+            self.seq[slots] = 0
+            self.priority[slots] = DEFAULT_PRIORITY
+            self._index.insert(keys[:, 0], slots)
+            taken = set(slots.tolist())
+            self._free = [s for s in self._free if s not in taken]
+            self._make_evictable(slots)
+        return slots
+
+    # ------------------------------------------------------------------------------- holds
+    def hold(self, slots: np.ndarray) -> None:
+        """``READY|HELD -> HELD``, one more hold each (a promise, or a read in flight); slots unique."""
+        self._move(slots, SlotState.HELD)
+        self.holds[slots] += 1
+
+    def release(self, slots: np.ndarray) -> None:
+        """One hold less each; ``HELD -> READY`` (evictable again) or ``DOOMED -> FREE`` at zero."""
+        if len(slots) == 0:
+            return
+        if (self.holds[slots] <= 0).any():
+            bad = int(slots[self.holds[slots] <= 0][0])
+            raise SlotStateError(self.kind, bad, SlotState(int(self.state[bad])), SlotState.READY)
+        self.holds[slots] -= 1
+        done = slots[self.holds[slots] == 0]
+        if len(done):
+            doomed = done[self.state[done] == SlotState.DOOMED]
+            ready = done[self.state[done] == SlotState.HELD]
+            if len(ready):
+                self._move(ready, SlotState.READY)
+                self._make_evictable(ready)
+            if len(doomed):
+                self._move(doomed, SlotState.FREE)
+                self._free.extend(doomed.tolist())
+
+    def invalidate(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``HELD -> DOOMED`` for slots whose bytes failed a read; returns their keys and seq hashes."""
+        slots = slots[self.state[slots] == SlotState.HELD]
+        keys, seq = self.keys[slots].copy(), self.seq[slots].copy()
+        self._unindex(slots)
+        self._move(slots, SlotState.DOOMED)
+        return keys, seq
+
+    # ----------------------------------------------------------------------------- helpers
+    def _move(self, slots: np.ndarray, target: SlotState) -> None:
+        current = self.state[slots]
+        allowed = TRANSITIONS[current, int(target)]
+        if not allowed.all():
+            i = int(np.flatnonzero(~allowed)[0])
+            raise SlotStateError(self.kind, int(slots[i]), SlotState(int(current[i])), target)
+        self.state[slots] = int(target)
+
+    def _make_evictable(self, slots: Sequence[int] | np.ndarray) -> None:
+        policy, priority = self.policy, self.priority
+        tick = self._tick
+        for slot, prio in zip(np.asarray(slots).tolist(), priority[slots].tolist()):
+            tick += 1
+            policy.add(slot, prio, tick)
+        self._tick = tick
+
+    def _unindex(self, slots: np.ndarray) -> None:
+        self._index.remove(self.keys[slots, 0], slots)
+        for slot in np.asarray(slots).tolist():
+            self.policy.discard(slot)
+
+    # ---------------------------------------------------------------------------- checking
+    def verify(self) -> None:
+        """Check the internal invariants (tests call this after every step); raise AssertionError."""
+        state = self.state
+        registered = np.flatnonzero((state == SlotState.WRITING) | (state == SlotState.READY) | (state == SlotState.HELD))
+        lanes, slots = self._index.items()
+        assert len(self._index) == len(registered) == len(slots), (self.kind, len(self._index), len(registered))
+        assert np.array_equal(np.sort(slots), registered), self.kind
+        assert np.array_equal(self.keys[slots, 0], lanes), self.kind
+        assert np.array_equal(self._index.get(lanes), slots), (self.kind, "an entry is not reachable by probing")
+        held = (state == SlotState.HELD) | (state == SlotState.DOOMED)
+        assert (self.holds[held] > 0).all(), self.kind
+        assert (self.holds[~held] == 0).all(), self.kind
+        free = np.flatnonzero(state == SlotState.FREE)
+        assert sorted(self._free) == free.tolist(), self.kind
+        assert len(set(self._free)) == len(self._free), self.kind

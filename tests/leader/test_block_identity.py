@@ -1,0 +1,206 @@
+"""Block identity: BlockKey (ours, 128-bit prefix chain) and DynamoSequenceHash (KV events)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvbm_core.identity import (
+    KEY_FORMAT,
+    DynamoSequenceChain,
+    Namespace,
+    PrefixHasher,
+    block_keys,
+    dynamo_salt_hash,
+    dynamo_sequence_hashes,
+    token_array,
+)
+from kvbm_core.layout import BlockLayout
+
+MASK = (1 << 64) - 1
+NS = Namespace.from_layout(BlockLayout(4, 2, 256, "bfloat16", 4), "org/model", world_size=2)
+
+
+def reference_keys(namespace: Namespace, tokens: list[int], salt: str | None) -> list[tuple[int, int]]:
+    """The documented formula, one block at a time with Python integers."""
+    from kvbm_core.identity import _FMIX, _POS, _R
+
+    def fmix(x: int) -> int:
+        x ^= x >> 33
+        x = (x * _FMIX[0]) & MASK
+        x ^= x >> 33
+        x = (x * _FMIX[1]) & MASK
+        return x ^ (x >> 33)
+
+    tag = b"\x00" if salt is None else b"\x01" + salt.encode()
+    root = xxhash.xxh3_128_digest(KEY_FORMAT + namespace.digest + tag)
+    acc = list(struct.unpack("<QQ", root))
+    seed = acc[0]
+    tpb = namespace.tokens_per_block
+    out = []
+    for i in range(len(tokens) // tpb):
+        block = struct.pack(f"<{tpb}I", *tokens[i * tpb : (i + 1) * tpb])
+        d = struct.unpack("<QQ", xxhash.xxh3_128_digest(block, seed))
+        acc = [(_R[j] * acc[j] + d[j]) & MASK for j in range(2)]
+        out.append(tuple(fmix(acc[j] ^ (((i + 1) * _POS[j]) & MASK)) for j in range(2)))
+    return out
+
+
+def test_keys_follow_the_documented_chain():
+    rng = np.random.default_rng(0)
+    for salt in (None, "tenant-a"):
+        tokens = rng.integers(0, 200_000, 4 * 40 + 3).tolist()
+        keys = block_keys(NS, tokens, salt)
+        assert keys.dtype == np.uint64 and keys.shape == (40, 2)
+        assert [tuple(k) for k in keys.tolist()] == reference_keys(NS, tokens, salt)
+
+
+def test_key_format_is_stable_across_releases():
+    # Disk tiers keep blocks across restarts: a change here orphans every stored block. Update the
+    # expected values only together with KEY_FORMAT / NAMESPACE_FORMAT.
+    ns = Namespace.from_layout(BlockLayout(2, 2, 64, "float16", 4), "m", world_size=1)
+    keys = block_keys(ns, list(range(12)))
+    assert ns.digest.hex() == GOLDEN_NAMESPACE
+    assert [f"{a:016x}{b:016x}" for a, b in keys.tolist()] == GOLDEN_KEYS
+
+
+GOLDEN_NAMESPACE = "28936c8bac44f8c45a56227efa02285f"
+GOLDEN_KEYS = ["1b744176434da8d4088903e1195d0690", "c2677bf836821f0f7ee3bc00452580d2", "ff085e0fc74c957495125ff9900d5f35"]
+
+
+def test_a_key_covers_the_whole_prefix():
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 50_000, 4 * 30).tolist()
+    base = block_keys(NS, tokens)
+    assert len({tuple(k) for k in base.tolist()}) == 30
+    changed = list(tokens)
+    changed[4 * 12 + 2] += 1  # one token of block 12
+    other = block_keys(NS, changed)
+    assert np.array_equal(other[:12], base[:12])
+    assert not (other[12:] == base[12:]).all(axis=1).any()
+    # a prefix of the prompt has the prompt's first keys
+    assert np.array_equal(block_keys(NS, tokens[: 4 * 7 + 1]), base[:7])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model_id": "org/other"},
+        {"dtype": "float16"},
+        {"num_layers": 5},
+        {"kv_factor": 1},
+        {"elems_per_block": 512},
+        {"world_size": 4, "tp_size": 4},
+        {"tp_size": 1},
+        {"rank_layout": "replicated"},
+    ],
+)
+def test_namespace_fields_change_every_key(change):
+    tokens = list(range(100, 140))
+    other = dataclasses.replace(NS, **change)
+    assert other.digest != NS.digest and len(other.digest) == 16
+    a, b = block_keys(NS, tokens), block_keys(other, tokens)
+    assert not (a == b).all(axis=1).any()
+
+
+def test_tokens_per_block_and_salt_change_every_key():
+    tokens = list(range(64))
+    ns8 = dataclasses.replace(NS, tokens_per_block=8)
+    a = {tuple(k) for k in block_keys(NS, tokens).tolist()}
+    assert not a & {tuple(k) for k in block_keys(ns8, tokens).tolist()}
+    for salt in ("", "x"):
+        assert not a & {tuple(k) for k in block_keys(NS, tokens, salt).tolist()}
+    assert not (block_keys(NS, tokens, "") == block_keys(NS, tokens, "x")).all(axis=1).any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.lists(st.integers(0, 2**32 - 1), max_size=90), cuts=st.lists(st.integers(1, 23), max_size=12),
+       hash_every=st.booleans())
+def test_incremental_hashing_equals_one_shot(tokens, cuts, hash_every):
+    hasher = PrefixHasher(NS.key_space("s"))
+    pos = 0
+    for cut in [*cuts, len(tokens)]:
+        hasher.append(tokens[pos : pos + cut])
+        pos += cut
+        if hash_every:
+            hasher.keys(hasher.num_full_blocks)
+    hasher.append(tokens[pos:])
+    assert np.array_equal(hasher.keys(hasher.num_full_blocks), block_keys(NS, tokens, "s"))
+
+
+def test_numpy_and_list_tokens_agree_and_bad_tokens_raise():
+    tokens = list(range(2**32 - 20, 2**32))
+    assert np.array_equal(block_keys(NS, np.array(tokens, np.int64)), block_keys(NS, tokens))
+    with pytest.raises(OverflowError):
+        token_array([1, -1])
+    with pytest.raises(OverflowError):
+        token_array(np.array([2**32], np.int64))
+    with pytest.raises(ValueError, match="num_blocks"):
+        PrefixHasher(NS.key_space(), [1, 2, 3, 4]).keys(2)
+
+
+def test_dynamo_sequence_hash_matches_a_hand_computed_chain():
+    tokens = list(range(1000, 1000 + 3 * 32 + 5))
+    salt = xxhash.xxh3_64_intdigest(b"{}", seed=0)
+    assert dynamo_salt_hash() == salt
+    expected = []
+    parent = None
+    for i in range(3):
+        block = b"".join(t.to_bytes(4, "little") for t in tokens[i * 32 : (i + 1) * 32])
+        bh = xxhash.xxh3_64_intdigest(block, seed=salt)
+        parent = bh if parent is None else xxhash.xxh3_64_intdigest(
+            parent.to_bytes(8, "little") + bh.to_bytes(8, "little"), seed=salt)
+        expected.append(parent)
+    assert dynamo_sequence_hashes(tokens, 32).tolist() == expected
+
+
+def test_dynamo_salt_json_skips_none_and_keeps_field_order():
+    assert dynamo_salt_hash("abc") == xxhash.xxh3_64_intdigest(b'{"salt":"abc"}')
+    assert dynamo_salt_hash(None, "lora1") == xxhash.xxh3_64_intdigest(b'{"lora_name":"lora1"}')
+    assert dynamo_salt_hash("a", "b") == xxhash.xxh3_64_intdigest(b'{"salt":"a","lora_name":"b"}')
+    # serde_json writes non-ASCII as UTF-8, not as \u escapes
+    assert dynamo_salt_hash("\u00e9") == xxhash.xxh3_64_intdigest('{"salt":"\u00e9"}'.encode())
+
+
+def test_dynamo_chain_extends_lazily():
+    tokens = token_array(list(range(4 * 10)))
+    chain = DynamoSequenceChain(dynamo_salt_hash(), 4)
+    first = chain.upto(tokens, 3)
+    rest = chain.upto(tokens, 10)
+    assert np.array_equal(rest[:3], first)
+    assert np.array_equal(rest, dynamo_sequence_hashes(list(range(40)), 4))
+
+
+def test_hashes_are_the_same_in_a_fresh_process_with_another_hash_seed():
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from kvbm_core.identity import Namespace, block_keys, dynamo_sequence_hashes
+        from kvbm_core.layout import BlockLayout
+        ns = Namespace.from_layout(BlockLayout(4, 2, 256, "bfloat16", 4), "org/model", world_size=2)
+        tokens = [(i * 7919) % 151_000 for i in range(203)]
+        print(json.dumps({
+            "ns": ns.digest.hex(),
+            "keys": block_keys(ns, tokens, "salt").tolist(),
+            "dyn": dynamo_sequence_hashes(tokens, 4, "salt").tolist(),
+        }))
+        """
+    )
+    tokens = [(i * 7919) % 151_000 for i in range(203)]
+    here = {"ns": NS.digest.hex(), "keys": block_keys(NS, tokens, "salt").tolist(),
+            "dyn": dynamo_sequence_hashes(tokens, 4, "salt").tolist()}
+    for seed in ("0", "12345", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        assert json.loads(out.stdout) == here, seed
