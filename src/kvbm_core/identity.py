@@ -7,21 +7,19 @@ of a request covers tokens ``[i*tpb, (i+1)*tpb)``; its bytes depend on every tok
 everything in :class:`Namespace` (model, KV dtype, layout, tokens per block, TP size and how ranks
 split a block) plus the request's cache salt. The key is a chained hash of the whole prefix::
 
-    root      = XXH3-128(FORMAT || namespace digest || salt tag)        (16 bytes -> two u64 lanes)
-    d_i       = XXH3-128(tokens of block i as u32 LE, seed = root lane 0)  (two u64 lanes)
-    acc_{-1}  = root lanes
-    acc_i     = R * acc_{i-1} + d_i        per lane, mod 2**64 (R odd, one constant per lane)
-    key_i     = fmix64(acc_i XOR (i+1) * P)   per lane (murmur3's finalizer; P odd, one per lane)
+    key_-1 = XXH3-128(FORMAT || namespace digest || salt tag)              (16 bytes)
+    key_i  = XXH3-128(key_{i-1} || tokens of block i as u32 little-endian)   (16 bytes)
 
-``acc_i`` depends on every block up to ``i`` in order (a Horner chain over per-block XXH3 digests).
-Unlike ``H(parent || block)`` the recurrence is linear, so a whole prompt is keyed with one batched
-call per block (``map`` over XXH3, no Python frame per block) and a numpy cumulative sum: a
-20k-token prompt costs well under the per-token cost of converting its Python list. For two
-different prefixes the lanes collide with probability about 2**-64 each when the block digests
-behave as random, as with any 128-bit non-cryptographic chain; like XXH3 itself the key is not
-meant to resist a crafted collision (tenants are separated by the cache salt). Never Python's
-``hash()``: everything is fixed bytes in, fixed integers out, independent of ``PYTHONHASHSEED``.
-Keys travel as ``[n, 2]`` uint64 arrays (see :class:`kvbm_core.ops.StepOps`).
+so ``key_i`` covers every token up to the end of block ``i``, in order, and the namespace. A real
+chain (each step hashes the previous key) rather than a linear combination of per-block digests:
+a sum of hash outputs would let a crafted prompt hit a chosen key with a generalized-birthday
+search, poisoning a shared prefix. XXH3 is still not a cryptographic hash; tenants are separated by
+the cache salt. The chain costs one XXH3 call per block in a tight loop, about as much as the
+batched alternatives, and less than converting the prompt's Python list. Never Python's ``hash()``:
+fixed bytes in, fixed bytes out, independent of ``PYTHONHASHSEED``.
+
+Keys travel as ``[n, 2]`` uint64 arrays (see :class:`kvbm_core.ops.StepOps`): the digest's two
+8-byte halves, each read as a little-endian u64.
 
 **DynamoSequenceHash** (Dynamo KVBM's, 64 bits) is only for KV events, so that consumers of
 Dynamo's events see the numbers they expect::
@@ -56,15 +54,7 @@ from kvbm_core.layout import BlockLayout
 KEY_FORMAT = b"kvbm-block-key/1\x00"
 NAMESPACE_FORMAT = "kvbm-namespace/1"
 
-_MASK = (1 << 64) - 1
-# Odd multipliers of the two Horner lanes and of the position binding (odd = invertible mod 2**64).
-_R = (0x9E3779B97F4A7C15, 0xD6E8FEB86659FD93)
-_POS = (0xA0761D6478BD642F, 0xE7037ED1A0B428DB)
-_FMIX = (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)
-_R_ARRAY = np.array(_R, np.uint64)
-_POS_ARRAY = np.array(_POS, np.uint64)
-# Segments of up to this many blocks are chained with Python integers (cheaper than numpy set-up).
-_SCALAR_SEGMENT = 4
+_SMALL = 4  # up to this many blocks are sliced one by one (decode); more go through one numpy view
 
 _TOKEN_CODE = next(c for c in "IL" if array(c).itemsize == 4)
 _LITTLE = sys.byteorder == "little"
@@ -85,7 +75,7 @@ def _block_bytes(tokens: array, tokens_per_block: int, start: int, stop: int) ->
     """Blocks ``[start, stop)`` of ``tokens`` as little-endian u32 bytes, one object per block."""
     if stop <= start:
         return []
-    if stop - start <= _SCALAR_SEGMENT and _LITTLE:  # a block or two (decode): slicing is cheaper
+    if stop - start <= _SMALL and _LITTLE:  # a block or two (decode): slicing is cheaper
         return [tokens[i * tokens_per_block : (i + 1) * tokens_per_block].tobytes() for i in range(start, stop)]
     view = np.frombuffer(tokens, np.uint32, count=(stop - start) * tokens_per_block, offset=start * tokens_per_block * 4)
     if not _LITTLE:
@@ -132,98 +122,32 @@ class Namespace:
 class KeySpace:
     """A namespace plus one cache salt: the root every request with that salt chains from."""
 
-    __slots__ = ("namespace", "cache_salt", "tokens_per_block", "seed", "root")
+    __slots__ = ("namespace", "cache_salt", "tokens_per_block", "root")
 
     def __init__(self, namespace: Namespace, cache_salt: str | None = None) -> None:
         self.namespace = namespace
         self.cache_salt = cache_salt
         self.tokens_per_block = namespace.tokens_per_block
         tag = b"\x00" if cache_salt is None else b"\x01" + cache_salt.encode("utf-8")
-        root = xxhash.xxh3_128_digest(KEY_FORMAT + namespace.digest + tag)
-        lanes = struct.unpack("<QQ", root)
-        self.seed: int = lanes[0]
-        self.root: tuple[int, int] = lanes
+        self.root: bytes = xxhash.xxh3_128_digest(KEY_FORMAT + namespace.digest + tag)
 
-    def block_digests(self, tokens: array, start: int, stop: int) -> np.ndarray:
-        """``d_i`` for blocks ``[start, stop)`` as an ``[n, 2]`` uint64 array."""
-        blocks = _block_bytes(tokens, self.tokens_per_block, start, stop)
-        raw = b"".join(map(xxhash.xxh3_128_digest, blocks, repeat(self.seed)))
-        return np.frombuffer(raw, "<u8").reshape(-1, 2)
+    def chain(self, parent: bytes, tokens: array, start: int, stop: int) -> tuple[bytes, bytes]:
+        """Keys of blocks ``[start, stop)`` after ``parent`` (key ``start - 1``, or the root).
 
-
-# ------------------------------------------------------------------------------- chain kernels
-class _Powers:
-    """``R**k`` and ``R**-k`` (mod 2**64) per lane for k < len, grown on demand."""
-
-    def __init__(self) -> None:
-        self.fwd = np.ones((1, 2), np.uint64)
-        self.inv = np.ones((1, 2), np.uint64)
-
-    def upto(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if n > len(self.fwd):
-            size = max(n, 2 * len(self.fwd), 64)
-            inv_r = np.array([pow(r, -1, 1 << 64) for r in _R], np.uint64)
-            with np.errstate(over="ignore"):
-                self.fwd = np.vstack([np.ones((1, 2), np.uint64), np.cumprod(np.tile(_R_ARRAY, (size - 1, 1)), axis=0)])
-                self.inv = np.vstack([np.ones((1, 2), np.uint64), np.cumprod(np.tile(inv_r, (size - 1, 1)), axis=0)])
-        return self.fwd[:n], self.inv[:n]
+        Returns the keys as concatenated 16-byte digests, and the last one.
+        """
+        h = xxhash.xxh3_128_digest
+        out: list[bytes] = []
+        append = out.append
+        for block in _block_bytes(tokens, self.tokens_per_block, start, stop):
+            parent = h(parent + block)
+            append(parent)
+        return b"".join(out), parent
 
 
-_POWERS = _Powers()
-
-
-def _fmix(x: np.ndarray) -> np.ndarray:
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(_FMIX[0])
-    x ^= x >> np.uint64(33)
-    x *= np.uint64(_FMIX[1])
-    x ^= x >> np.uint64(33)
-    return x
-
-
-def _fmix_int(x: int) -> int:
-    x ^= x >> 33
-    x = (x * _FMIX[0]) & _MASK
-    x ^= x >> 33
-    x = (x * _FMIX[1]) & _MASK
-    return x ^ (x >> 33)
-
-
-def _finalize(acc: np.ndarray, first_index: int) -> np.ndarray:
-    """``key_i`` from ``acc_i`` for rows ``i = first_index, first_index + 1, ...`` (in place)."""
-    pos = np.arange(first_index + 1, first_index + 1 + len(acc), dtype=np.uint64)[:, None]
-    with np.errstate(over="ignore"):
-        acc ^= pos * _POS_ARRAY
-        return _fmix(acc)
-
-
-def chain_segment(previous: tuple[int, int], digests: np.ndarray, first_index: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Extend a chain whose last accumulator is ``previous`` by ``digests`` (blocks from ``first_index``).
-
-    Returns the keys of the new blocks and the new last accumulator. Short segments run on Python
-    integers, long ones on numpy (``acc_k = R**k * (R*prev + cumsum(d_j * R**-j))``); both give the
-    same numbers.
-    """
-    m = len(digests)
-    if m == 0:
-        return np.zeros((0, 2), np.uint64), previous
-    if m <= _SCALAR_SEGMENT:
-        a, b = previous
-        out = []
-        for i, (d0, d1) in enumerate(digests.tolist()):
-            a = (_R[0] * a + d0) & _MASK
-            b = (_R[1] * b + d1) & _MASK
-            p = first_index + 1 + i
-            out.append((_fmix_int(a ^ ((p * _POS[0]) & _MASK)), _fmix_int(b ^ ((p * _POS[1]) & _MASK))))
-        return np.array(out, np.uint64), (a, b)
-    fwd, inv = _POWERS.upto(m)
-    with np.errstate(over="ignore"):
-        acc = np.multiply(digests, inv)
-        np.cumsum(acc, axis=0, dtype=np.uint64, out=acc)
-        acc += np.array(previous, np.uint64) * _R_ARRAY
-        acc *= fwd
-    last = acc[-1].tolist()
-    return _finalize(acc, first_index), (last[0], last[1])
+def keys_array(raw: bytes) -> np.ndarray:
+    """Concatenated 16-byte keys as an ``[n, 2]`` uint64 array (halves read little-endian)."""
+    return np.frombuffer(raw, "<u8").reshape(-1, 2).astype(np.uint64, copy=False)
 
 
 def block_keys(namespace: Namespace, tokens: Sequence[int] | np.ndarray, cache_salt: str | None = None) -> np.ndarray:
@@ -235,14 +159,14 @@ def block_keys(namespace: Namespace, tokens: Sequence[int] | np.ndarray, cache_s
 class PrefixHasher:
     """One request's tokens and the BlockKeys of its full blocks, hashed once, incrementally."""
 
-    __slots__ = ("space", "tokens", "_keys", "_num_keys", "_acc")
+    __slots__ = ("space", "tokens", "_keys", "_num_keys", "_last")
 
     def __init__(self, space: KeySpace, tokens: Sequence[int] | np.ndarray = ()) -> None:
         self.space = space
         self.tokens = token_array(tokens)
         self._keys = np.zeros((0, 2), np.uint64)
         self._num_keys = 0
-        self._acc = space.root
+        self._last = space.root  # key of block _num_keys - 1 as 16 bytes
 
     def append(self, tokens: Sequence[int] | np.ndarray) -> None:
         if len(tokens):
@@ -261,9 +185,9 @@ class PrefixHasher:
         if num_blocks > self._num_keys:
             if num_blocks > self.num_full_blocks:
                 raise ValueError(f"num_blocks={num_blocks} exceeds the {self.num_full_blocks} full blocks known")
-            digests = self.space.block_digests(self.tokens, self._num_keys, num_blocks)
-            new, self._acc = chain_segment(self._acc, digests, self._num_keys)
-            if self._num_keys == 0 and len(new) > _SCALAR_SEGMENT:
+            raw, self._last = self.space.chain(self._last, self.tokens, self._num_keys, num_blocks)
+            new = keys_array(raw)
+            if self._num_keys == 0:
                 self._keys, self._num_keys = new, num_blocks  # the first segment is adopted as is
                 return new
             if num_blocks > len(self._keys):

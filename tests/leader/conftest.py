@@ -1,12 +1,12 @@
-"""Builders shared by the leader tests: settings for each pipeline shape and a BlockManager."""
+"""Fixtures of the leader tests: the plugin registry and a BlockManager builder."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import pytest
+from leader_setup import layout, settings
 
-from kvbm_core.layout import BlockLayout
 from kvbm_core.leader import BlockManager
 from kvbm_core.registry import Registry
 from kvbm_core.settings.model import KvbmSettings
@@ -15,28 +15,6 @@ from kvbm_core.settings.model import KvbmSettings
 @pytest.fixture(scope="session")
 def registry() -> Registry:
     return Registry()
-
-
-def layout(tokens_per_block: int = 4) -> BlockLayout:
-    return BlockLayout(num_layers=2, kv_factor=2, elems_per_block=8 * tokens_per_block, dtype="float16",
-                       tokens_per_block=tokens_per_block)
-
-
-def settings(host: int | None = 16, disk: int | None = None, *, disk_filter: bool = True, cost: bool = False,
-             min_priority: int = 0, **extra) -> KvbmSettings:
-    tiers = []
-    if host is not None:
-        tiers.append({"kind": "cpu", "num_blocks": host})
-    if disk is not None:
-        tiers.append({"kind": "disk", "num_blocks": disk})
-    data = {
-        "tiers": tiers,
-        "disk_offload_filter": {"enabled": disk_filter},
-        "cost_model": {"enabled": cost},
-        "host_offload_prefix_min_priority": min_priority,
-        **extra,
-    }
-    return KvbmSettings.model_validate(data)
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import layout
-from conftest import settings as make_settings
+from leader_setup import layout
+from leader_setup import settings as make_settings
 from leader_sim import RequestData
 
 from kvbm_core.hookspecs import hookimpl

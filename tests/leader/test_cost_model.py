@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import settings as make_settings
+from leader_setup import settings as make_settings
 from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st

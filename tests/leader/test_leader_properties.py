@@ -12,8 +12,8 @@ and at the end every operation has reached its end and every request is forgotte
 from __future__ import annotations
 
 import pytest
-from conftest import layout
-from conftest import settings as make_settings
+from leader_setup import layout
+from leader_setup import settings as make_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from leader_sim import Sim, SimRequest

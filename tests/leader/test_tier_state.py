@@ -152,6 +152,12 @@ def test_recover_registers_free_slots_only():
     assert slots.tolist() == [1]
 
 
+def as_keys(lanes: list[int]) -> np.ndarray:
+    """Keys whose second lane is a function of the first (the index confirms it)."""
+    first = np.array(lanes, np.uint64).reshape(-1)
+    return np.stack([first, first ^ np.uint64(0x5555)], axis=1)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_key_index_agrees_with_a_dict(data):
@@ -164,14 +170,17 @@ def test_key_index_agrees_with_a_dict(data):
             new = data.draw(st.lists(lane, min_size=1, max_size=capacity - len(ref), unique=True))
             new = [x for x in new if x not in ref]
             slots = list(range(len(ref) * 100, len(ref) * 100 + len(new)))
-            index.insert(np.array(new, np.uint64), np.array(slots, np.int64))
+            index.insert(as_keys(new), np.array(slots, np.int64))
             ref.update(zip(new, slots))
         elif ref:
             gone = data.draw(st.lists(st.sampled_from(sorted(ref)), min_size=1, unique=True))
-            index.remove(np.array(gone, np.uint64), np.array([ref[g] for g in gone], np.int64))
+            index.remove(as_keys(gone), np.array([ref[g] for g in gone], np.int64))
             for g in gone:
                 del ref[g]
         probe = [*ref, *data.draw(st.lists(lane, max_size=5))]
-        got = index.get(np.array(probe, np.uint64)).tolist()
+        got = index.get(as_keys(probe)).tolist()
         assert got == [ref.get(p, -1) for p in probe]
+        clash = as_keys(list(ref))
+        clash[:, 1] += np.uint64(1)
+        assert (index.get(clash) == CLASH).all()
         assert len(index) == len(ref)

@@ -61,6 +61,14 @@ class CostModel:
             for kind, n in counts.items() if n > 0
         )
 
+    def best_run(self, n: int, kind: str) -> int:
+        """:meth:`best_prefix` for ``n`` blocks all from ``kind``: the saving is linear in the
+        count, so all or nothing."""
+        if not self.enabled:
+            return n
+        per_block = self.tokens_per_block / self.prefill_tokens_per_s - self._seconds_per_block(kind)
+        return n if n * per_block - self.fixed_overhead_s > 0 else 0
+
     def _seconds_per_block(self, kind: str) -> float:
         return self.bytes_per_block / (self._gbps[kind] * 1e9)
 
@@ -76,9 +84,8 @@ class CostModel:
         if n == 0 or not self.enabled:
             return n
         first = int(tier_of_block[0])
-        if (tier_of_block == first).all():  # one tier: the saving is linear in k, so all or nothing
-            per_block = self.tokens_per_block / self.prefill_tokens_per_s - self._seconds_per_block(kinds[first])
-            return n if n * per_block - self.fixed_overhead_s > 0 else 0
+        if (tier_of_block == first).all():
+            return self.best_run(n, kinds[first])
         k = np.arange(n + 1, dtype=np.float64)
         saving = k * (self.tokens_per_block / self.prefill_tokens_per_s)
         for code, kind in enumerate(kinds):

@@ -230,24 +230,30 @@ class BlockManager:
         req.queried = limit - start
         assert req.hasher is not None
         keys = req.hasher.keys(limit)[start:]
-        codes = np.full(len(keys), MISS, np.int8)
-        slots = np.full(len(keys), ABSENT, np.int64)
+        n = len(keys)
         host, disk = self.host, self.disk
+        # Where each block loads from: the host when it holds it, else the disk; the run ends at the
+        # first block in neither.
         if host is not None:
-            found = host.lookup(keys)
-            ok = host.matchable(found)
-            codes[ok] = HOST
-            slots[ok] = found[ok]
-        if disk is not None:
-            rest = np.flatnonzero(codes == MISS)
-            if len(rest):
+            slots = host.lookup(keys)
+            in_host = host.matchable(slots)
+        else:
+            slots, in_host = np.full(n, ABSENT, np.int64), np.zeros(n, bool)
+        if in_host.all():  # the common case of a host hit: one tier, no per-block choice
+            k = self._cost.best_run(n, self._kinds[HOST])
+            codes = np.zeros(k, np.int8)
+        else:
+            codes = np.full(n, MISS, np.int8)
+            codes[in_host] = HOST
+            if disk is not None:
+                rest = np.flatnonzero(~in_host)
                 found = disk.lookup(keys[rest])
                 ok = disk.matchable(found)
                 codes[rest[ok]] = DISK
                 slots[rest[ok]] = found[ok]
-        misses = np.flatnonzero(codes == MISS)
-        run = int(misses[0]) if len(misses) else len(codes)
-        k = self._cost.best_prefix(codes[:run], self._kinds)
+            misses = np.flatnonzero(codes == MISS)
+            run = int(misses[0]) if len(misses) else n
+            k = self._cost.best_prefix(codes[:run], self._kinds)
         if k == 0:
             return NO_MATCH
         codes, slots = codes[:k], slots[:k]

@@ -54,6 +54,10 @@ class RequestStateError(KvbmError):
         super().__init__(f"request {request_id}: {message}")
 
 
+_NO_TIERS = np.zeros(0, np.int8)
+_NO_SLOTS = np.zeros(0, np.int64)
+
+
 class RequestSlot:
     """The leader's record of one request (mutable; owned by the block manager)."""
 
@@ -71,8 +75,8 @@ class RequestSlot:
         self.dynamo: DynamoSequenceChain | None = None
         self.prompt: Sequence[int] | None = None
         self.device_blocks = 0
-        self.promised_tier = np.zeros(0, np.int8)  # per promised block: index into the manager's tiers
-        self.promised_slots = np.zeros(0, np.int64)
+        self.promised_tier = _NO_TIERS  # per promised block: index into the manager's tiers
+        self.promised_slots = _NO_SLOTS
         self.host_hits = self.disk_hits = self.queried = 0
         self.looked_up = False
         self.block_ids: list[int] = []

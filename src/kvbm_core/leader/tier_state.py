@@ -31,11 +31,11 @@ import numpy as np
 
 from kvbm_core.errors import KvbmError
 from kvbm_core.interfaces import EvictionPolicy, TierLevel
-from kvbm_core.leader.key_index import KeyIndex
+from kvbm_core.leader.key_index import ABSENT, CLASH, KeyIndex
 from kvbm_core.leader.slot_state import MATCHABLE_MASK, TRANSITIONS, SlotState
 
-ABSENT = -1
-CLASH = -2
+__all__ = ["ABSENT", "CLASH", "DEFAULT_PRIORITY", "SlotStateError", "TierState"]
+
 DEFAULT_PRIORITY = 35
 """TRT-LLM's default retention priority, used where the engine reports none."""
 
@@ -68,18 +68,12 @@ class TierState:
     # ------------------------------------------------------------------------------ queries
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each key (any registered state), :data:`ABSENT`, or :data:`CLASH`."""
-        found = self._index.get(keys[:, 0])
-        hit = found >= 0
-        if hit.any():
-            wrong = hit.copy()
-            wrong[hit] = self.keys[found[hit], 1] != keys[hit, 1]
-            found[wrong] = CLASH
-        return found
+        return self._index.get(keys)
 
     def matchable(self, slots: np.ndarray) -> np.ndarray:
         """Which of ``slots`` (from :meth:`lookup`) hold readable bytes a request may be promised."""
         ok = slots >= 0
-        ok[ok] = MATCHABLE_MASK[self.state[slots[ok]]]
+        ok &= MATCHABLE_MASK.take(self.state.take(slots, mode="clip"))  # clip: negatives are masked
         return ok
 
     def count(self, state: SlotState) -> int:
@@ -123,13 +117,13 @@ class TierState:
     # ------------------------------------------------------------------------------ writes
     def begin_write(self, slots: np.ndarray, keys: np.ndarray, seq: np.ndarray, priority: np.ndarray) -> None:
         """``FREE -> WRITING``: register ``keys`` so the same blocks are not stored again."""
-        if (self._index.get(keys[:, 0]) != ABSENT).any():
+        if (self._index.get(keys) != ABSENT).any():
             raise KvbmError(f"tier {self.kind!r}: begin_write of a key that is already indexed (caller bug)")
         self._move(slots, SlotState.WRITING)
         self.keys[slots] = keys
         self.seq[slots] = seq
         self.priority[slots] = priority
-        self._index.insert(keys[:, 0], slots)
+        self._index.insert(keys, slots)
 
     def complete_write(self, slots: np.ndarray) -> None:
         """``WRITING -> READY``: the bytes are there; the blocks become matchable and evictable."""
@@ -165,7 +159,7 @@ class TierState:
             self.keys[slots] = keys
             self.seq[slots] = 0
             self.priority[slots] = DEFAULT_PRIORITY
-            self._index.insert(keys[:, 0], slots)
+            self._index.insert(keys, slots)
             taken = set(slots.tolist())
             self._free = [s for s in self._free if s not in taken]
             self._make_evictable(slots)
@@ -222,7 +216,7 @@ class TierState:
         self._tick = tick
 
     def _unindex(self, slots: np.ndarray) -> None:
-        self._index.remove(self.keys[slots, 0], slots)
+        self._index.remove(self.keys[slots], slots)
         for slot in np.asarray(slots).tolist():
             self.policy.discard(slot)
 
@@ -231,11 +225,11 @@ class TierState:
         """Check the internal invariants (tests call this after every step); raise AssertionError."""
         state = self.state
         registered = np.flatnonzero((state == SlotState.WRITING) | (state == SlotState.READY) | (state == SlotState.HELD))
-        lanes, slots = self._index.items()
+        keys, slots = self._index.items()
         assert len(self._index) == len(registered) == len(slots), (self.kind, len(self._index), len(registered))
         assert np.array_equal(np.sort(slots), registered), self.kind
-        assert np.array_equal(self.keys[slots, 0], lanes), self.kind
-        assert np.array_equal(self._index.get(lanes), slots), (self.kind, "an entry is not reachable by probing")
+        assert np.array_equal(self.keys[slots], keys), self.kind
+        assert np.array_equal(self._index.get(keys), slots), (self.kind, "an entry is not reachable by probing")
         held = (state == SlotState.HELD) | (state == SlotState.DOOMED)
         assert (self.holds[held] > 0).all(), self.kind
         assert (self.holds[~held] == 0).all(), self.kind
