@@ -22,7 +22,7 @@ import numpy as np
 ABSENT = -1
 CLASH = -2
 LOAD_FACTOR_INVERSE = 4
-PROBE_WINDOW = 16
+PROBE_WINDOW = 4
 EMPTY = np.uint64(2**64 - 1)
 TOMBSTONE = np.uint64(2**64 - 2)
 _FREE_FROM = TOMBSTONE  # slot column values >= this mark a row without a live entry

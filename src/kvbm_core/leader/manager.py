@@ -30,12 +30,12 @@ Choices:
   When the target is full of held or writing slots, the leading candidates get the free slots and
   the rest are not offloaded. Blocks are only hashed from tokens the engine reported, so a block
   whose last token is still unknown (overlap scheduler, draft tokens) waits for a later step.
-- **Host -> disk** runs in the background (``H2DISK``), at most :data:`MAX_DISK_OFFLOAD_IN_FLIGHT`
-  blocks in flight, behind the disk admission filter. A block is *offered* to the filter on every
-  completed host store, on every skipped duplicate host store (the same block computed again) and on
-  every host hit (match) - unless the disk already holds or writes it. Dynamo offers only
-  re-registrations, so a block that is only ever read back from the host never reaches disk; here
-  each read counts as a sighting.
+- **Host -> disk** runs in the background (``H2DISK``, :mod:`~kvbm_core.leader.disk_offload`), a
+  bounded number of blocks in flight, behind the disk admission filter. A block is *offered* to the
+  filter on every completed host store, on every skipped duplicate host store (the same block
+  computed again) and on every host hit (match) - unless the disk already holds or writes it.
+  Dynamo offers only re-registrations, so a block that is only ever read back from the host never
+  reaches disk; here each read counts as a sighting.
 - **Failures.** A failed operation is never counted as done. A failed store frees its slots. A
   failed load drops the failing slots from the index (their bytes are bad; ``failed_blocks``, or all
   of the operation's slots when it names none) and marks the request failed
@@ -57,7 +57,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import structlog
@@ -67,7 +67,9 @@ from kvbm_core.errors import KvbmError
 from kvbm_core.identity import KeySpace, Namespace, dynamo_salt_hash
 from kvbm_core.layout import BlockLayout
 from kvbm_core.leader.cost_model import CostModel
-from kvbm_core.leader.disk_queue import DiskOffloadQueue
+from kvbm_core.leader.disk_offload import DiskOffloader
+from kvbm_core.leader.invariants import check_invariants
+from kvbm_core.leader.planned_op import PlannedOp
 from kvbm_core.leader.request import RequestPhase, RequestSlot, RequestStateError
 from kvbm_core.leader.slot_state import SlotState
 from kvbm_core.leader.stats import LeaderStats, StatsBook
@@ -82,8 +84,8 @@ log = structlog.get_logger("kvbm.leader")
 HOST, DISK, MISS = 0, 1, -1
 """Codes of where a matched block loads from (index into ``BlockManager._tiers``)."""
 
-MAX_DISK_OFFLOAD_IN_FLIGHT = 256
-"""Host -> disk blocks planned but not yet reported (bounds host slots held by background reads)."""
+FIRST_LOOKUP = 16
+"""Blocks looked up in the host before the rest of a prompt (most misses are found right there)."""
 
 MAX_FAILED_REMEMBERED = 65_536
 """How many failed request ids :attr:`BlockManager.failed_requests` keeps (oldest dropped first)."""
@@ -112,20 +114,6 @@ class RequestLike(Protocol):
     num_scheduled_tokens: int
 
 
-@dataclass(eq=False)
-class PlannedOp:
-    """An operation handed to the workers and not yet reported back."""
-
-    op_id: int
-    route: Route
-    request_id: int
-    src: np.ndarray
-    dst: np.ndarray
-    keys: np.ndarray
-    seq: np.ndarray
-    tier: TierState  # the tier side: read for loads and H2DISK (host), written for stores
-
-
 class BlockManager:
     """The leader's block bookkeeping for one engine instance (see the module docstring)."""
 
@@ -145,7 +133,8 @@ class BlockManager:
         self.plan = tiers.plan
         self._tiers = (self.host, self.disk)
         self._kinds = tuple(t.kind if t is not None else "" for t in self._tiers)
-        self._disk_filter = tiers.disk_filter
+        self._to_disk = DiskOffloader(self.host, self.disk, tiers.disk_filter) \
+            if self.host is not None and self.disk is not None else None
         self.worker_config = WorkerConfig(settings, tiers.allocations, self.namespace.digest, world_size)
         self._cost = CostModel(settings.cost_model, layout.bytes_per_block, layout.tokens_per_block, tiers.read_gbps)
         self._target = self.host if self.host is not None else self.disk
@@ -159,8 +148,6 @@ class BlockManager:
         self._step = 0
         self._config_sent = False
         self._to_onboard: dict[int, None] = {}
-        self._disk_queue = DiskOffloadQueue(self.host.num_slots if self.host is not None else 1)
-        self._disk_in_flight = 0
         self._failed: OrderedDict[int, None] = OrderedDict()
         self._stats = StatsBook(settings.cache_stats.max_requests)
 
@@ -235,8 +222,18 @@ class BlockManager:
         # Where each block loads from: the host when it holds it, else the disk; the run ends at the
         # first block in neither.
         if host is not None:
-            slots = host.lookup(keys)
+            # A cold prompt misses early: look up a few blocks first, the rest only when they can
+            # still extend the run (all hit, or the disk may fill the gaps).
+            slots = host.lookup(keys[:FIRST_LOOKUP])
             in_host = host.matchable(slots)
+            if n > FIRST_LOOKUP:
+                if disk is not None or in_host.all():
+                    more = host.lookup(keys[FIRST_LOOKUP:])
+                    more_ok = host.matchable(more)
+                else:
+                    more, more_ok = np.full(n - FIRST_LOOKUP, ABSENT, np.int64), np.zeros(n - FIRST_LOOKUP, bool)
+                slots = np.concatenate([slots, more])
+                in_host = np.concatenate([in_host, more_ok])
         else:
             slots, in_host = np.full(n, ABSENT, np.int64), np.zeros(n, bool)
         if in_host.all():  # the common case of a host hit: one tier, no per-block choice
@@ -267,7 +264,7 @@ class BlockManager:
         req.promised_tier, req.promised_slots = codes, slots
         req.host_hits, req.disk_hits = n_host, n_disk
         req.evaluated = start + k
-        if n_host and disk is not None:
+        if n_host:
             self._offer_for_disk(keys[:k][from_host])
         return Match(k * tpb, n_host, n_disk, n_disk > 0)
 
@@ -496,7 +493,7 @@ class BlockManager:
                 req = owners[int(row_owner[part[0]])]
                 r = rows[part]
                 planned.append(self._new_op(self._store_route, req, device[r], slots[part], keys[r], seq[r], target))
-        if target is self.host and self.disk is not None and duplicate.any():
+        if target is self.host and duplicate.any():
             self._offer_for_disk(keys[duplicate])
 
     def _priorities(self, req: RequestSlot, lo: int, hi: int) -> np.ndarray:
@@ -509,45 +506,14 @@ class BlockManager:
 
     # -------------------------------------------------------------------------- host -> disk
     def _offer_for_disk(self, keys: np.ndarray) -> None:
-        """Offer host blocks to the disk admission filter; admitted ones queue for ``H2DISK``."""
-        disk = self.disk
-        if disk is None or len(keys) == 0:
-            return
-        keys = keys[disk.lookup(keys) == ABSENT]
-        if len(keys) and self._disk_filter is not None:
-            keys = keys[np.asarray(self._disk_filter.admit(keys), bool)]
-        if len(keys):
-            self._disk_queue.push(keys)
+        if self._to_disk is not None:
+            self._to_disk.offer(keys)
 
     def _plan_disk_offloads(self, planned: list[PlannedOp]) -> None:
-        host, disk = self.host, self.disk
-        room = MAX_DISK_OFFLOAD_IN_FLIGHT - self._disk_in_flight
-        if host is None or disk is None or room <= 0 or not len(self._disk_queue):
+        if self._to_disk is None or (claimed := self._to_disk.plan(self._removed)) is None:
             return
-        keys = self._disk_queue.take(room)
-        src = host.lookup(keys)
-        in_host = src >= 0
-        writing = np.zeros(len(keys), bool)
-        writing[in_host] = host.state[src[in_host]] == SlotState.WRITING
-        if writing.any():
-            self._disk_queue.push(keys[writing])  # not readable yet: retry in a later step
-        readable = host.matchable(src)
-        readable[readable] = disk.lookup(keys[readable]) == ABSENT
-        rows = np.flatnonzero(readable)
-        if not len(rows):
-            return
-        slots, ev_keys, ev_seq = disk.allocate(len(rows))
-        self._removed(disk, ev_keys, ev_seq)
-        rows = rows[: len(slots)]
-        if not len(rows):
-            return
-        src = src[rows]
-        keys = keys[rows]
-        seq = host.seq[src].copy()
-        host.hold(src)
-        disk.begin_write(slots, keys, seq, host.priority[src])
-        self._disk_in_flight += len(rows)
-        planned.append(self._new_op(Route.H2DISK, None, src, slots, keys, seq, host))
+        src, dst, keys, seq = claimed
+        planned.append(self._new_op(Route.H2DISK, None, src, dst, keys, seq, self._to_disk.host))
 
     def _new_op(self, route: Route, req: RequestSlot | None, src: np.ndarray, dst: np.ndarray, keys: np.ndarray,
                 seq: np.ndarray, tier: TierState) -> PlannedOp:
@@ -630,22 +596,14 @@ class BlockManager:
                     req.pending.discard(store.op_id)
 
     def _finish_disk_offload(self, op: PlannedOp, result: OpResult, failed: bool) -> None:
-        disk = self.disk
-        assert disk is not None
-        # A host slot found bad by another read while this copy ran: its copy is not kept either.
-        bad = np.ones(len(op.src), bool) if failed else op.tier.state[op.src] == SlotState.DOOMED
-        op.tier.release(op.src)
-        self._disk_in_flight -= len(op.src)
-        if bad.any():
-            disk.abort_write(op.dst[bad])
-        good = ~bad
-        n = int(np.count_nonzero(good))
+        assert self._to_disk is not None
+        kept = self._to_disk.done(op.src, op.dst, failed)
+        n = int(np.count_nonzero(kept))
         if not n:
             return
-        disk.complete_write(op.dst[good])
         self._stats.blocks[Route.H2DISK] += n
-        self.registry.notify("kvbm_blocks_stored", tier=disk.kind, route=Route.H2DISK.label, keys=op.keys[good],
-                             seq_hashes=op.seq[good])
+        self.registry.notify("kvbm_blocks_stored", tier=self._to_disk.disk.kind, route=Route.H2DISK.label,
+                             keys=op.keys[kept], seq_hashes=op.seq[kept])
         self.registry.notify("kvbm_blocks_offloaded", route=Route.H2DISK.label, num_blocks=n,
                              num_bytes=result.num_bytes, seconds=result.seconds)
 
@@ -720,36 +678,6 @@ class BlockManager:
 
     # =============================================================================== checks
     def verify(self) -> None:
-        """Check cross-structure invariants (tests call this after every step); raises AssertionError.
-
-        Every hold is accounted for by an unreported load or host -> disk read, or by a promise not
-        yet turned into loads; every ``WRITING`` slot is the target of exactly one store or host ->
-        disk write whose result is pending or deferred; every pending op id of a request is known.
-        """
-        tiers = [t for t in self._tiers if t is not None]
-        holds = {id(t): np.zeros(t.num_slots, np.int64) for t in tiers}
-        writes = {id(t): np.zeros(t.num_slots, np.int64) for t in tiers}
-        deferred = [op for req in self._requests.values() for op, _ in req.deferred]
-        for op in [*self._ops.values(), *deferred]:
-            if op.route in STORES:
-                np.add.at(writes[id(op.tier)], op.dst, 1)
-            elif op.route in LOADS:
-                np.add.at(holds[id(op.tier)], op.src, 1)
-            else:
-                np.add.at(holds[id(self.host)], op.src, 1)
-                np.add.at(writes[id(self.disk)], op.dst, 1)
-        deferred_ids = {op.op_id for op in deferred}
-        for req in self._requests.values():
-            if req.num_promised and not req.loads_emitted:
-                for code, tier in enumerate(self._tiers):
-                    if tier is not None:
-                        np.add.at(holds[id(tier)], req.promised_slots[req.promised_tier == code], 1)
-            assert req.pending <= req.ops, req.request_id
-            assert all(i in self._ops or i in deferred_ids for i in req.pending), req.request_id
-            assert req.pending_loads <= req.pending, req.request_id
-        for t in tiers:
-            t.verify()
-            assert np.array_equal(holds[id(t)], t.holds), (t.kind, np.flatnonzero(holds[id(t)] != t.holds)[:5])
-            assert (writes[id(t)] <= 1).all(), (t.kind, "two writes in flight to one slot")
-            assert np.array_equal(writes[id(t)] == 1, t.state == SlotState.WRITING), t.kind
-        assert self._disk_in_flight == sum(len(op.src) for op in self._ops.values() if op.route == Route.H2DISK)
+        """Check the cross-structure invariants (tests call this after every step); see
+        :func:`~kvbm_core.leader.invariants.check_invariants`."""
+        check_invariants(self)
