@@ -146,27 +146,29 @@ class KeySpace:
 
 
 def keys_array(raw: bytes) -> np.ndarray:
-    """Concatenated 16-byte keys as an ``[n, 2]`` uint64 array (halves read little-endian)."""
+    """Concatenated 16-byte keys as an ``[n, 2]`` uint64 array (halves read little-endian).
+
+    On little-endian machines this is a read-only view of ``raw`` (no copy).
+    """
     return np.frombuffer(raw, "<u8").reshape(-1, 2).astype(np.uint64, copy=False)
 
 
 def block_keys(namespace: Namespace, tokens: Sequence[int] | np.ndarray, cache_salt: str | None = None) -> np.ndarray:
     """The BlockKeys of every full block of ``tokens`` (one-shot form of :class:`PrefixHasher`)."""
     hasher = PrefixHasher(namespace.key_space(cache_salt), tokens)
-    return hasher.keys(hasher.num_full_blocks).copy()
+    return hasher.keys(hasher.num_full_blocks)
 
 
 class PrefixHasher:
     """One request's tokens and the BlockKeys of its full blocks, hashed once, incrementally."""
 
-    __slots__ = ("space", "tokens", "_keys", "_num_keys", "_last")
+    __slots__ = ("space", "tokens", "_raw", "_last")
 
     def __init__(self, space: KeySpace, tokens: Sequence[int] | np.ndarray = ()) -> None:
         self.space = space
         self.tokens = token_array(tokens)
-        self._keys = np.zeros((0, 2), np.uint64)
-        self._num_keys = 0
-        self._last = space.root  # key of block _num_keys - 1 as 16 bytes
+        self._raw = bytearray()  # 16 bytes per hashed block, never exported (callers get copies)
+        self._last = space.root  # key of the last hashed block (the root before any)
 
     def append(self, tokens: Sequence[int] | np.ndarray) -> None:
         if len(tokens):
@@ -180,23 +182,23 @@ class PrefixHasher:
     def num_full_blocks(self) -> int:
         return len(self.tokens) // self.space.tokens_per_block
 
-    def keys(self, num_blocks: int) -> np.ndarray:
-        """Keys of blocks ``[0, num_blocks)`` (a view; hashes only blocks not hashed before)."""
-        if num_blocks > self._num_keys:
-            if num_blocks > self.num_full_blocks:
-                raise ValueError(f"num_blocks={num_blocks} exceeds the {self.num_full_blocks} full blocks known")
-            raw, self._last = self.space.chain(self._last, self.tokens, self._num_keys, num_blocks)
-            new = keys_array(raw)
-            if self._num_keys == 0:
-                self._keys, self._num_keys = new, num_blocks  # the first segment is adopted as is
-                return new
-            if num_blocks > len(self._keys):
-                grown = np.zeros((max(num_blocks, 2 * len(self._keys), 16), 2), np.uint64)
-                grown[: self._num_keys] = self._keys[: self._num_keys]
-                self._keys = grown
-            self._keys[self._num_keys : num_blocks] = new
-            self._num_keys = num_blocks
-        return self._keys[:num_blocks]
+    @property
+    def num_hashed(self) -> int:
+        return len(self._raw) // 16
+
+    def key_bytes(self, start: int, stop: int) -> bytes:
+        """Keys of blocks ``[start, stop)`` as concatenated 16-byte digests (hashing what is missing)."""
+        have = len(self._raw) // 16
+        if stop > have:
+            if stop > self.num_full_blocks:
+                raise ValueError(f"block {stop - 1} is not full: {self.num_full_blocks} full blocks known")
+            raw, self._last = self.space.chain(self._last, self.tokens, have, stop)
+            self._raw += raw
+        return bytes(self._raw[16 * start : 16 * stop])
+
+    def keys(self, num_blocks: int, start: int = 0) -> np.ndarray:
+        """Keys of blocks ``[start, num_blocks)`` as a fresh ``[n, 2]`` uint64 array."""
+        return keys_array(self.key_bytes(start, num_blocks))
 
 
 # ------------------------------------------------------------------------------------- dynamo
@@ -218,10 +220,10 @@ class DynamoSequenceChain:
 
     def upto(self, tokens: array, num_blocks: int) -> np.ndarray:
         """Sequence hashes of blocks ``[0, num_blocks)`` of ``tokens`` (a fresh uint64 array)."""
-        return self.range(tokens, 0, num_blocks)
+        return np.frombuffer(self.range_bytes(tokens, 0, num_blocks), np.uint64).copy()
 
-    def range(self, tokens: array, start: int, stop: int) -> np.ndarray:
-        """Sequence hashes of blocks ``[start, stop)`` (hashing every block before ``stop`` once)."""
+    def range_bytes(self, tokens: array, start: int, stop: int) -> bytes:
+        """Sequence hashes of blocks ``[start, stop)`` as native u64 bytes (each block hashed once)."""
         num_blocks = stop
         have = len(self.hashes)
         if num_blocks > have:
@@ -234,7 +236,7 @@ class DynamoSequenceChain:
             for bh in block_hashes:
                 parent = bh if parent is None else h64(pack(parent, bh), seed)
                 out.append(parent)
-        return np.array(self.hashes[start:stop], np.uint64)
+        return self.hashes[start:stop].tobytes()
 
 
 def dynamo_sequence_hashes(tokens: Sequence[int] | np.ndarray, tokens_per_block: int, salt: str | None = None,

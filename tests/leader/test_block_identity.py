@@ -132,7 +132,7 @@ def test_numpy_and_list_tokens_agree_and_bad_tokens_raise():
         token_array([1, -1])
     with pytest.raises(OverflowError):
         token_array(np.array([2**32], np.int64))
-    with pytest.raises(ValueError, match="num_blocks"):
+    with pytest.raises(ValueError, match="not full"):
         PrefixHasher(NS.key_space(), [1, 2, 3, 4]).keys(2)
 
 

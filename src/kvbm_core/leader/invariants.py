@@ -40,7 +40,7 @@ def check_invariants(bm: "BlockManager") -> None:
     deferred_ids = {op.op_id for op in deferred}
     for req in bm._requests.values():
         if req.num_promised and not req.loads_emitted:
-            keys = req.hasher.keys(req.promise_end_block)[req.device_blocks:]  # type: ignore[union-attr]
+            keys = req.hasher.keys(req.promise_end_block, req.device_blocks)  # type: ignore[union-attr]
             for code, tier in enumerate((bm.host, bm.disk)):
                 mine = req.promised_tier == code
                 if tier is not None and mine.any():

@@ -30,6 +30,7 @@ _LANE0, _LANE1, _SLOT = 0, 1, 2
 assert np.array(EMPTY).view(np.int64) == ABSENT
 _WINDOW_STEPS = np.arange(1, PROBE_WINDOW + 1)
 _SCALAR_PROBES = 16  # this few keys left to probe: a Python loop beats a vectorized round
+_SCALAR_BATCH = 16  # batches this small (decode steps) skip numpy altogether
 
 
 class KeyIndex:
@@ -110,8 +111,8 @@ class KeyIndex:
 
     def get(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each ``[n, 2]`` key, :data:`ABSENT`, or :data:`CLASH`."""
-        if not len(keys):
-            return np.zeros(0, np.int64)
+        if len(keys) <= _SCALAR_BATCH:
+            return np.array([self._get_one(k0, k1) for k0, k1 in keys.tolist()], np.int64)
         table = self._table
         lanes = keys[:, 0]
         idx = np.bitwise_and(lanes.view(np.int64), self._mask_i64)
@@ -131,16 +132,31 @@ class KeyIndex:
             out[far[far_rows[:, _LANE1] != keys[far, 1]]] = CLASH
         return out
 
+    def _get_one(self, lane0: int, lane1: int) -> int:
+        table, mask = self._table, int(self._mask)
+        empty, free_from = int(EMPTY), int(_FREE_FROM)
+        pos = lane0 & mask
+        while True:
+            row_lane0, row_lane1, row_slot, _ = table[pos].tolist()
+            if row_lane0 == lane0 and row_slot < free_from:
+                return row_slot if row_lane1 == lane1 else CLASH
+            if row_slot == empty:
+                return ABSENT
+            pos = (pos + 1) & mask
+
     def insert(self, keys: np.ndarray, slots: np.ndarray) -> None:
         """Add entries for absent ``[n, 2]`` keys whose first lanes are unique."""
         n = len(keys)
         if not n:
             return
         lanes = keys[:, 0]
-        if len(np.unique(lanes)) != n:
+        if len(set(lanes.tolist())) != n:
             raise ValueError("KeyIndex.insert: two keys of one batch share their first lane")
         if self._live + self._tombstones + n > len(self._table) // 2:
             self._rebuild(extra=n)
+        if n <= _SCALAR_BATCH:
+            self._insert_scalar(keys, slots)
+            return
         mask = int(self._mask)
         pending = np.arange(n)
         idx = (lanes & self._mask).astype(np.int64)
@@ -158,6 +174,20 @@ class KeyIndex:
             placed[np.flatnonzero(free)[first]] = True
             pending, idx = pending[~placed], (idx[~placed] + 1) & mask
         self._live += n
+
+    def _insert_scalar(self, keys: np.ndarray, slots: np.ndarray) -> None:
+        table, mask = self._table, int(self._mask)
+        free_from, tombstone = int(_FREE_FROM), int(TOMBSTONE)
+        for (lane0, lane1), slot in zip(keys.tolist(), np.asarray(slots).tolist()):
+            pos = lane0 & mask
+            while True:
+                row_slot = int(table[pos, _SLOT])
+                if row_slot >= free_from:
+                    self._tombstones -= row_slot == tombstone
+                    table[pos, :3] = (lane0, lane1, slot)
+                    break
+                pos = (pos + 1) & mask
+        self._live += len(keys)
 
     def remove(self, keys: np.ndarray, slots: np.ndarray) -> None:
         """Drop the entries ``key -> slot`` that exist (matched on first lane and slot)."""

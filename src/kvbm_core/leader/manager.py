@@ -64,7 +64,7 @@ import structlog
 
 from kvbm_core.channel import WorkerConfig
 from kvbm_core.errors import KvbmError
-from kvbm_core.identity import KeySpace, Namespace, dynamo_salt_hash
+from kvbm_core.identity import KeySpace, Namespace, dynamo_salt_hash, keys_array
 from kvbm_core.layout import BlockLayout
 from kvbm_core.leader.cost_model import CostModel
 from kvbm_core.leader.disk_offload import DiskOffloader
@@ -216,7 +216,7 @@ class BlockManager:
         req.looked_up = True
         req.queried = limit - start
         assert req.hasher is not None
-        keys = req.hasher.keys(limit)[start:]
+        keys = req.hasher.keys(limit, start)
         n = len(keys)
         host, disk = self.host, self.disk
         # Where each block loads from: the host when it holds it, else the disk; the run ends at the
@@ -348,7 +348,7 @@ class BlockManager:
                 continue
             lo, hi = req.device_blocks, req.promise_end_block
             assert req.hasher is not None
-            keys = req.hasher.keys(hi)[lo:]
+            keys = req.hasher.keys(hi, lo)
             device = np.asarray(req.block_ids[lo:hi], np.int64)
             if any(self._doomed(code, req) for code in (HOST, DISK)):
                 self._release_promise(req)
@@ -442,41 +442,47 @@ class BlockManager:
 
     # ---------------------------------------------------------------------------------- stores
     def _plan_stores(self, candidates: list[tuple[RequestSlot, int, int]], planned: list[PlannedOp]) -> None:
+        """Claim target slots for this step's candidate blocks and emit one store per request.
+
+        The batch is assembled with Python lists and converted once: a decode step has a few
+        single-block candidates, where per-request numpy calls would dominate.
+        """
         target = self._target
         assert target is not None
         owners: list[RequestSlot] = []
-        parts_keys, parts_dev, parts_prio, parts_seq, parts_owner = [], [], [], [], []
+        bounds = [0]  # candidates of owners[i] are rows bounds[i]:bounds[i+1] of the batch
+        key_parts: list[bytes] = []
+        seq_parts: list[bytes] = []
+        device: list[int] = []
+        priority: list[int] = []
         threshold = self._min_priority
         for req, lo, hi in candidates:
-            prio = self._priorities(req, lo, hi)
+            prio = req.priorities[lo:hi]
+            if len(prio) < hi - lo:
+                prio = prio + [DEFAULT_PRIORITY] * (hi - lo - len(prio))
             if threshold > 0:
-                below = np.flatnonzero(prio < threshold)
-                if len(below):
+                cut = next((i for i, p in enumerate(prio) if p < threshold), None)
+                if cut is not None:  # offload only the leading run at or above the threshold
                     req.offload_stopped = True
-                    hi = lo + int(below[0])
-                    prio = prio[: hi - lo]
+                    hi, prio = lo + cut, prio[:cut]
             if hi <= lo:
                 continue
             assert req.hasher is not None
-            parts_keys.append(req.hasher.keys(hi)[lo:hi])
-            parts_dev.append(np.asarray(req.block_ids[lo:hi], np.int64))
-            parts_prio.append(prio)
-            parts_seq.append(req.seq_hashes(lo, hi))
-            parts_owner.append(np.full(hi - lo, len(owners), np.int64))
+            key_parts.append(req.hasher.key_bytes(lo, hi))
+            seq_parts.append(req.seq_hash_bytes(lo, hi))
+            device.extend(req.block_ids[lo:hi])
+            priority.extend(prio)
             owners.append(req)
+            bounds.append(bounds[-1] + hi - lo)
         if not owners:
             return
-        keys = np.concatenate(parts_keys)
-        device = np.concatenate(parts_dev)
-        prio = np.concatenate(parts_prio)
-        seq = np.concatenate(parts_seq)
-        owner = np.concatenate(parts_owner)
+        keys = keys_array(b"".join(key_parts))
+        seq = np.frombuffer(b"".join(seq_parts), np.uint64)
+        device_ids = np.array(device, np.int64)
         existing = target.lookup(keys)
         fresh = existing == ABSENT
         if len(owners) > 1:  # the same block computed by two requests of this step: store it once
-            _, first = np.unique(keys[:, 0], return_index=True)
-            once = np.zeros(len(keys), bool)
-            once[first] = True
+            once = _first_occurrences(keys[:, 0])
             duplicate = (existing >= 0) | (fresh & ~once)
             fresh &= once
         else:
@@ -484,25 +490,20 @@ class BlockManager:
         rows = np.flatnonzero(fresh)
         slots, ev_keys, ev_seq = target.allocate(len(rows))
         self._removed(target, ev_keys, ev_seq)
-        rows = rows[: len(slots)]
+        rows = rows[: len(slots)]  # a full target keeps the leading candidates
         if len(rows):
-            target.begin_write(slots, keys[rows], seq[rows], prio[rows])
-            row_owner = owner[rows]
-            bounds = np.flatnonzero(np.diff(row_owner)) + 1
-            for part in np.split(np.arange(len(rows)), bounds):
-                req = owners[int(row_owner[part[0]])]
-                r = rows[part]
-                planned.append(self._new_op(self._store_route, req, device[r], slots[part], keys[r], seq[r], target))
+            target.begin_write(slots, keys[rows], seq[rows], np.array(priority, np.int16)[rows])
+            cuts = np.searchsorted(rows, bounds).tolist()
+            for i, req in enumerate(owners):
+                a, b = cuts[i], cuts[i + 1]
+                if a == b:
+                    continue
+                lo, hi = bounds[i], bounds[i + 1]
+                r = slice(lo, hi) if b - a == hi - lo else rows[a:b]  # all of them: a plain slice
+                planned.append(self._new_op(self._store_route, req, device_ids[r], slots[a:b], keys[r], seq[r],
+                                            target))
         if target is self.host and duplicate.any():
             self._offer_for_disk(keys[duplicate])
-
-    def _priorities(self, req: RequestSlot, lo: int, hi: int) -> np.ndarray:
-        known = req.priorities[lo:hi]
-        if len(known) == hi - lo:
-            return np.asarray(known, np.int16)
-        out = np.full(hi - lo, DEFAULT_PRIORITY, np.int16)
-        out[: len(known)] = known
-        return out
 
     # -------------------------------------------------------------------------- host -> disk
     def _offer_for_disk(self, keys: np.ndarray) -> None:
@@ -681,3 +682,14 @@ class BlockManager:
         """Check the cross-structure invariants (tests call this after every step); see
         :func:`~kvbm_core.leader.invariants.check_invariants`."""
         check_invariants(self)
+
+
+def _first_occurrences(lanes: np.ndarray) -> np.ndarray:
+    """Mask of the first occurrence of each value (a set for small batches, a sort for large)."""
+    if len(lanes) <= 64:
+        seen: set[int] = set()
+        return np.array([not (x in seen or seen.add(x)) for x in lanes.tolist()], bool)  # type: ignore[func-returns-value]
+    _, first = np.unique(lanes, return_index=True)
+    once = np.zeros(len(lanes), bool)
+    once[first] = True
+    return once

@@ -110,7 +110,7 @@ class RequestSlot:
         """First block after the device-reused and promised ones."""
         return self.device_blocks + self.num_promised
 
-    def seq_hashes(self, start: int, stop: int) -> np.ndarray:
-        """Dynamo sequence hashes of blocks ``[start, stop)`` (for KV events)."""
+    def seq_hash_bytes(self, start: int, stop: int) -> bytes:
+        """Dynamo sequence hashes of blocks ``[start, stop)`` as native u64 bytes (for KV events)."""
         assert self.hasher is not None and self.dynamo is not None
-        return self.dynamo.range(self.hasher.tokens, start, stop)
+        return self.dynamo.range_bytes(self.hasher.tokens, start, stop)

@@ -116,7 +116,11 @@ class TierState:
 
     # ------------------------------------------------------------------------------ writes
     def begin_write(self, slots: np.ndarray, keys: np.ndarray, seq: np.ndarray, priority: np.ndarray) -> None:
-        """``FREE -> WRITING``: register ``keys`` so the same blocks are not stored again."""
+        """``FREE -> WRITING``: register ``keys`` so the same blocks are not stored again.
+
+        The keys must be absent (callers have just looked them up) and distinct; a key already indexed
+        is a caller bug, refused here rather than silently double-booked.
+        """
         if (self._index.get(keys) != ABSENT).any():
             raise KvbmError(f"tier {self.kind!r}: begin_write of a key that is already indexed (caller bug)")
         self._move(slots, SlotState.WRITING)
