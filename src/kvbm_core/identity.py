@@ -61,14 +61,21 @@ _LITTLE = sys.byteorder == "little"
 
 
 def token_array(tokens: Sequence[int] | np.ndarray) -> array:
-    """Tokens as a compact u32 array; a token outside ``[0, 2**32)`` raises :class:`OverflowError`."""
-    if isinstance(tokens, np.ndarray):
+    """Tokens as a compact u32 array; a token outside ``[0, 2**32)`` raises :class:`OverflowError`.
+
+    A list (what TRT-LLM hands over) goes through ``array.fromlist``, about twice as fast as the
+    array constructor; converting the list is the largest single cost of matching a long prompt.
+    """
+    out = array(_TOKEN_CODE)
+    if type(tokens) is list:
+        out.fromlist(tokens)
+    elif isinstance(tokens, np.ndarray):
         if tokens.size and (tokens.min() < 0 or tokens.max() > 0xFFFFFFFF):
             raise OverflowError("token ids must lie in [0, 2**32)")
-        out = array(_TOKEN_CODE)
         out.frombytes(np.ascontiguousarray(tokens, dtype=np.uint32).tobytes())
-        return out
-    return array(_TOKEN_CODE, tokens)
+    else:
+        out.extend(tokens)
+    return out
 
 
 def _block_bytes(tokens: array, tokens_per_block: int, start: int, stop: int) -> list[bytes]:
@@ -171,8 +178,10 @@ class PrefixHasher:
         self._last = space.root  # key of the last hashed block (the root before any)
 
     def append(self, tokens: Sequence[int] | np.ndarray) -> None:
-        if len(tokens):
-            self.tokens.extend(token_array(tokens) if isinstance(tokens, np.ndarray) else tokens)
+        if type(tokens) is list:
+            self.tokens.fromlist(tokens)
+        elif len(tokens):
+            self.tokens.extend(token_array(tokens))
 
     @property
     def num_tokens(self) -> int:

@@ -84,7 +84,7 @@ log = structlog.get_logger("kvbm.leader")
 HOST, DISK, MISS = 0, 1, -1
 """Codes of where a matched block loads from (index into ``BlockManager._tiers``)."""
 
-FIRST_LOOKUP = 16
+FIRST_LOOKUP = 4
 """Blocks looked up in the host before the rest of a prompt (most misses are found right there)."""
 
 MAX_FAILED_REMEMBERED = 65_536
@@ -310,11 +310,10 @@ class BlockManager:
                     continue
                 else:
                     tokens = report.new_tokens
-                    if len(tokens):
-                        if type(tokens) is list:
-                            req.hasher.tokens.extend(tokens)  # type: ignore[union-attr]
-                        else:
-                            req.hasher.append(tokens)  # type: ignore[union-attr]
+                    if type(tokens) is list:
+                        req.hasher.tokens.fromlist(tokens)  # type: ignore[union-attr]
+                    elif len(tokens):
+                        req.hasher.append(tokens)  # type: ignore[union-attr]
                     block_ids = report.new_block_ids
                     if len(block_ids):
                         self._more_blocks(req, block_ids, getattr(report, "priorities", None))

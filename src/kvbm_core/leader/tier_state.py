@@ -40,6 +40,10 @@ DEFAULT_PRIORITY = 35
 """TRT-LLM's default retention priority, used where the engine reports none."""
 
 
+_INTO = {t: np.ascontiguousarray(TRANSITIONS[:, int(t)]) for t in SlotState}
+"""Per target state: which current states may move into it (a column of the transition matrix)."""
+
+
 class SlotStateError(KvbmError):
     """An operation asked for a slot transition that :mod:`slot_state` does not allow."""
 
@@ -204,8 +208,8 @@ class TierState:
 
     # ----------------------------------------------------------------------------- helpers
     def _move(self, slots: np.ndarray, target: SlotState) -> None:
-        current = self.state[slots]
-        allowed = TRANSITIONS[current, int(target)]
+        current = self.state.take(slots)
+        allowed = _INTO[target].take(current)
         if not allowed.all():
             i = int(np.flatnonzero(~allowed)[0])
             raise SlotStateError(self.kind, int(slots[i]), SlotState(int(current[i])), target)
