@@ -203,7 +203,10 @@ class PrefixHasher:
                 raise ValueError(f"block {stop - 1} is not full: {self.num_full_blocks} full blocks known")
             raw, self._last = self.space.chain(self._last, self.tokens, have, stop)
             self._raw += raw
-        return bytes(self._raw[16 * start : 16 * stop])
+            if start == have:
+                return raw
+        with memoryview(self._raw) as view:  # released at once: the bytearray may grow later
+            return view[16 * start : 16 * stop].tobytes()
 
     def keys(self, num_blocks: int, start: int = 0) -> np.ndarray:
         """Keys of blocks ``[start, num_blocks)`` as a fresh ``[n, 2]`` uint64 array."""

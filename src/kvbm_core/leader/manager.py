@@ -238,19 +238,25 @@ class BlockManager:
             slots, in_host = np.full(n, ABSENT, np.int64), np.zeros(n, bool)
         if in_host.all():  # the common case of a host hit: one tier, no per-block choice
             k = self._cost.best_run(n, self._kinds[HOST])
-            codes = np.zeros(k, np.int8)
-        else:
-            codes = np.full(n, MISS, np.int8)
-            codes[in_host] = HOST
-            if disk is not None:
-                rest = np.flatnonzero(~in_host)
-                found = disk.lookup(keys[rest])
-                ok = disk.matchable(found)
-                codes[rest[ok]] = DISK
-                slots[rest[ok]] = found[ok]
-            misses = np.flatnonzero(codes == MISS)
-            run = int(misses[0]) if len(misses) else n
-            k = self._cost.best_prefix(codes[:run], self._kinds)
+            if k == 0:
+                return NO_MATCH
+            slots = slots[:k]
+            host.hold(slots)  # type: ignore[union-attr]
+            req.promised_tier, req.promised_slots = np.zeros(k, np.int8), slots
+            req.host_hits, req.evaluated = k, start + k
+            self._offer_for_disk(keys[:k])
+            return Match(k * tpb, k, 0, False)
+        codes = np.full(n, MISS, np.int8)
+        codes[in_host] = HOST
+        if disk is not None:
+            rest = np.flatnonzero(~in_host)
+            found = disk.lookup(keys[rest])
+            ok = disk.matchable(found)
+            codes[rest[ok]] = DISK
+            slots[rest[ok]] = found[ok]
+        misses = np.flatnonzero(codes == MISS)
+        run = int(misses[0]) if len(misses) else n
+        k = self._cost.best_prefix(codes[:run], self._kinds)
         if k == 0:
             return NO_MATCH
         codes, slots = codes[:k], slots[:k]
