@@ -20,6 +20,13 @@ callables registered, model warmup (the callables run; no other connector call),
 5. ``get_finished`` on every rank, every iteration: saves reported by all ranks unpin their blocks,
    loads reported by all ranks send their request back to be scheduled.
 
+Dynamic arrivals: ``run(specs, on_finish=f)`` calls ``f(index, result)`` as each request finishes
+(its last token appended, or cancelled) with its index in :attr:`RunResult.requests` and its
+:class:`RequestResult`; the specs ``f`` returns join the same run with the next indices, in the
+order returned, and arrive by their own ``arrival_step`` / ``arrival_time_s`` (one already past
+arrives at the next admission). A multi-turn client is written this way: the next turn's prompt
+holds the answer just generated.
+
 With ``overlap_scheduler`` the results of iteration N (appended tokens, ``request_finished``,
 reusable prompt blocks) are handled in iteration N+1, after its forward pass, as in TRT-LLM's
 ``_executor_loop_overlap``. In the "1.2" era a request is scheduled once more after its last
@@ -32,6 +39,7 @@ block in its own pool tensor. Streams passed to workers: ``torch.cuda.current_st
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import deque
@@ -56,7 +64,7 @@ from kvbm_core.testing.model import Piece, ReferenceModel
 from kvbm_core.testing.oracle import KvOracle
 from kvbm_core.testing.pool import KvPools
 from kvbm_core.testing.request import LlmRequest, LlmRequestState, RequestSpec
-from kvbm_core.testing.results import RunResult, StepRecord
+from kvbm_core.testing.results import RequestResult, RunResult, StepRecord
 from kvbm_core.testing.run_state import ForwardResult, RequestTrack, RunState, RunTally, ScheduledItem
 from kvbm_core.testing.shapes import ModelShape, resolve_shape
 
@@ -109,6 +117,10 @@ class ExecutorConfig:
             raise ConfigError("ExecutorConfig", "max_batch_size, max_num_tokens and max_seq_len must be positive")
         if self.oracle_tolerance < 0:
             raise ConfigError("oracle_tolerance", f"must be >= 0, got {self.oracle_tolerance}")
+
+
+def _arrival_order(t: RequestTrack) -> tuple[int, float, int]:
+    return t.spec.arrival_step, t.spec.arrival_time_s or 0.0, t.index
 
 
 class ReferenceExecutor:
@@ -202,14 +214,21 @@ class ReferenceExecutor:
 
     # -- the run loop -------------------------------------------------------------------------
 
-    def run(self, requests: Iterable[RequestSpec]) -> RunResult:
-        """Serve ``requests`` until every one has finished and every asynchronous save is reported."""
+    def run(
+        self,
+        requests: Iterable[RequestSpec],
+        on_finish: Callable[[int, RequestResult], Iterable[RequestSpec]] | None = None,
+    ) -> RunResult:
+        """Serve ``requests`` until every one has finished and every asynchronous save is reported.
+
+        ``on_finish``: see "Dynamic arrivals" in the module docstring.
+        """
         specs = list(requests)
         tracks = [self._track(i, spec) for i, spec in enumerate(specs)]
-        order = sorted(tracks, key=lambda t: (t.spec.arrival_step, t.spec.arrival_time_s or 0.0, t.index))
+        order = sorted(tracks, key=_arrival_order)
         calls_before = self.connector.calls() if self.connector is not None else None
         stats_before = replace(self.kv_manager.stats)
-        run = RunState(tracks, time.perf_counter(), deque(order))
+        run = RunState(tracks, time.perf_counter(), deque(order), on_finish=on_finish)
         run.by_id = {t.rid: t for t in tracks}
         while run.arrivals or run.busy():
             self._iteration(run)
@@ -217,7 +236,7 @@ class ReferenceExecutor:
         if calls_before is not None:
             self._check_call_counts(calls_before, self.connector.calls(), run.tally)
         return RunResult(
-            requests=tuple(t.result() for t in tracks),
+            requests=tuple(t.result() for t in run.tracks),
             steps=tuple(run.steps),
             counters=run.tally.counters(stats_before, self.kv_manager.stats),
             calls=self.connector.calls() if self.connector is not None else None,
@@ -565,6 +584,16 @@ class ReferenceExecutor:
             run.tally.async_saves += 1
         else:
             request.state = LlmRequestState.GENERATION_COMPLETE
+        if run.on_finish is not None:
+            self._submit(run, run.on_finish(t.index, t.result()))
+
+    def _submit(self, run: RunState, specs: Iterable[RequestSpec]) -> None:
+        """Requests created during the run join it with the next indices, in arrival order."""
+        for spec in specs:
+            t = self._track(len(run.tracks), spec)
+            run.tracks.append(t)
+            run.by_id[t.rid] = t
+            bisect.insort(run.arrivals, t, key=_arrival_order)
 
     def _poll_finished(self, run: RunState) -> bool:
         assert self.connector is not None

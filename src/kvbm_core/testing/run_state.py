@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from kvbm_core.testing.kv_manager import ManagerStats
@@ -154,6 +155,7 @@ class RunState:
     steps: list[StepRecord] = field(default_factory=list)
     tally: RunTally = field(default_factory=RunTally)
     last_progress: float = 0.0
+    on_finish: Callable[[int, RequestResult], Iterable[RequestSpec]] | None = None  # dynamic arrivals
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
