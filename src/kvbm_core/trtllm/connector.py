@@ -36,7 +36,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -50,6 +50,9 @@ from kvbm_core.ops import BACKGROUND, LOADS, STORES, NO_REQUEST, Route, StepOps
 from kvbm_core.registry import default_registry
 from kvbm_core.settings import KvbmSettings, resolve_settings
 from kvbm_core.trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker, SchedulerOutput
+
+if TYPE_CHECKING:
+    from kvbm_core.leader import LeaderStats
 
 log = structlog.get_logger("kvbm.connector")
 
@@ -171,6 +174,15 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                 device_blocks=num_device_blocks,
             )
         return self._manager.worker_config
+
+    @property
+    def stats(self) -> LeaderStats | None:
+        """The block manager's accounting (blocks per route, hit rates, matched tokens), with every
+        operation result the workers reported so far applied; ``None`` until they registered."""
+        if self._manager is None:
+            return None
+        self._manager.apply_results(self._channel.drain())
+        return self._manager.stats
 
     def on_recovered(self, kind: str, slots: np.ndarray, keys: np.ndarray) -> None:
         if len(slots):
