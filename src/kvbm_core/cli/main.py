@@ -1,11 +1,12 @@
 """Entry point of the ``kvbm`` console script: parses arguments and maps errors to exit codes.
 
-Exit codes: 0 success; 1 a check failed (``kvbm doctor``); 2 a configuration or plugin error,
-printed as one line on stderr without a traceback.
+Exit codes: 0 success; 1 a check failed (``kvbm doctor``; ``kvbm bench``: outputs differ); 2 a
+configuration or plugin error, printed as one line on stderr without a traceback.
 
 Each subcommand is a module with ``add_parser(subparsers)`` (which sets ``func``, a callable taking
 the parsed arguments and returning the exit code). Adding one (``kvbm bench``) means writing its
-module and listing it in :data:`COMMANDS`.
+module and listing it in :data:`COMMANDS`. Commands that depend on optional packages (``kvbm bench``:
+matplotlib, tqdm) import them when they run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from kvbm_core import __version__
-from kvbm_core.cli import config, doctor, plugins
+from kvbm_core.cli import bench, config, doctor, plugins
 from kvbm_core.errors import ConfigError, PluginError
 from kvbm_core.logging import configure
 from kvbm_core.settings.environment import SeedEnvironment
@@ -23,7 +24,7 @@ from kvbm_core.settings.model import LoggingSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
-COMMANDS = (plugins, config, doctor)
+COMMANDS = (plugins, config, doctor, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for reports
     try:
         env = SeedEnvironment.load()
         configure(LoggingSettings(format=env.log_format or "console", level=env.log_level or "info"))
