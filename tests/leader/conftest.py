@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from leader_setup import layout, settings
 
 from kvbm_core.leader import BlockManager
 from kvbm_core.registry import Registry
 from kvbm_core.settings.model import KvbmSettings
+
+from .leader_setup import layout, settings
 
 
 @pytest.fixture(scope="session")

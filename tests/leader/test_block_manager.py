@@ -6,9 +6,6 @@ import pickle
 
 import numpy as np
 import pytest
-from leader_setup import layout
-from leader_setup import settings as make_settings
-from leader_sim import RequestData
 
 from kvbm_core.hookspecs import hookimpl
 from kvbm_core.identity import block_keys, dynamo_sequence_hashes
@@ -16,6 +13,10 @@ from kvbm_core.interfaces import TierLevel
 from kvbm_core.leader import BlockManager, Match, RequestStateError, SlotState
 from kvbm_core.ops import LOADS, NO_REQUEST, STORES, OpResult, Route, StepOps
 from kvbm_core.registry import Registry
+
+from .leader_setup import layout
+from .leader_setup import settings as make_settings
+from .leader_sim import RequestData
 
 TPB = 4
 H2DISK = frozenset({Route.H2DISK})
@@ -548,3 +549,13 @@ def test_tiny_tier_full_of_held_blocks_skips_offloads(make_bm):
     assert len(ops) == 0
     bm.finish(2)
     bm.verify()
+
+
+def test_a_cached_report_without_a_first_report_is_never_stored(make_bm):
+    bm = make_bm()
+    # unknown request: its tokens are a delta of a prefix the leader never saw
+    assert len(bm.schedule([], [RequestData(5, prompt_of(8), [0, 1], 8, 4)])) == 0
+    # known, finished and forgotten, then reported again
+    run_prefill(bm, 6, prompt_of(9), [0, 1, 2])
+    assert len(bm.schedule([], [RequestData(6, prompt_of(8, 50), [3, 4], 9, 8)])) == 0
+    assert bm.stats.offload_blocks_d2h == 2 and bm.num_requests == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from leader_setup import settings as make_settings
 from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
@@ -12,6 +11,9 @@ from kvbm_core.identity import block_keys
 from kvbm_core.leader.cost_model import CostModel
 from kvbm_core.ops import OpResult, Route
 from kvbm_core.settings.model import CostModelSettings
+
+from .leader_setup import settings as make_settings
+from .leader_sim import RequestData
 
 MB = 1_000_000
 KINDS = ("cpu", "disk")
@@ -81,8 +83,6 @@ def test_best_prefix_is_the_brute_force_optimum(run, host, disk):
 def prefill(bm, rid, prompt, device_ids):
     bm.match(rid, prompt, 0)
     bm.allocated(rid, device_ids)
-    from leader_sim import RequestData
-
     ops = bm.schedule([RequestData(rid, prompt, device_ids, 0, len(prompt))], [])
     bm.apply_results([OpResult(op.op_id, True) for op in ops])
     while bm.num_pending_ops:  # background host -> disk until idle

@@ -12,14 +12,15 @@ and at the end every operation has reached its end and every request is forgotte
 from __future__ import annotations
 
 import pytest
-from leader_setup import layout
-from leader_setup import settings as make_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from leader_sim import Sim, SimRequest
 
 from kvbm_core.leader import BlockManager
 from kvbm_core.ops import LOADS, Route
+
+from .leader_setup import layout
+from .leader_setup import settings as make_settings
+from .leader_sim import Sim, SimRequest
 
 PROFILES = {
     "cpu": dict(host=True, disk=False, disk_filter=True),

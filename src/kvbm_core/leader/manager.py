@@ -29,7 +29,9 @@ Choices:
   the target already holds or is writing is skipped (also when two requests of one step compute it).
   When the target is full of held or writing slots, the leading candidates get the free slots and
   the rest are not offloaded. Blocks are only hashed from tokens the engine reported, so a block
-  whose last token is still unknown (overlap scheduler, draft tokens) waits for a later step.
+  whose last token is still unknown (overlap scheduler, draft tokens) waits for a later step. A
+  request's first report must come in ``new_requests`` (it carries the whole prompt); a cached
+  report of a request the leader has no first report for is never hashed or stored.
 - **Host -> disk** runs in the background (``H2DISK``, :mod:`~kvbm_core.leader.disk_offload`), a
   bounded number of blocks in flight, behind the disk admission filter. A block is *offered* to the
   filter on every completed host store, on every skipped duplicate host store (the same block
@@ -305,10 +307,13 @@ class BlockManager:
         self._emit_onboards(planned)
         candidates: list[tuple[RequestSlot, int, int]] = []
         requests, tpb, finished = self._requests, self.tokens_per_block, RequestPhase.FINISHED
-        for reports in (new_requests, cached_requests):
+        for reports, first in ((new_requests, True), (cached_requests, False)):
             for report in reports:  # the common case (a running request, one new token) stays inline
                 req = requests.get(report.request_id)
                 if req is None or not req.reported:
+                    if not first:  # its deltas cannot be placed: never hash (or store) them
+                        self._unplaceable(report, req)
+                        continue
                     req, start = self._first_report(report, req)
                     if req is None:
                         continue
@@ -418,6 +423,17 @@ class BlockManager:
             start = max(start, req.promise_end_block * tpb)
         req.evaluated = max(req.evaluated, start // tpb)
         return req, start
+
+    def _unplaceable(self, report: RequestLike, req: RequestSlot | None) -> None:
+        """A cached-request report for a request whose first report the leader never saw (or that
+        it already forgot): its tokens are a delta of an unknown prefix, so nothing of it is hashed
+        or stored; with a promise pending, the request cannot be trusted either."""
+        log.warning("scheduler output for a request without a first report; not offloaded",
+                    request_id=report.request_id)
+        if req is not None and req.phase is not RequestPhase.FINISHED:
+            req.offload_stopped = True
+            if req.num_promised:
+                self._fail(req, "reported as cached before its first report")
 
     def _more_blocks(self, req: RequestSlot, block_ids: Sequence[int], priorities: Sequence[int] | None) -> None:
         """Device blocks appended in decode (or later chunks), with their retention priorities."""
