@@ -86,9 +86,6 @@ log = structlog.get_logger("kvbm.leader")
 HOST, DISK, MISS = 0, 1, -1
 """Codes of where a matched block loads from (index into ``BlockManager._tiers``)."""
 
-FIRST_LOOKUP = 4
-"""Blocks looked up in the host before the rest of a prompt (most misses are found right there)."""
-
 MAX_FAILED_REMEMBERED = 65_536
 """How many failed request ids :attr:`BlockManager.failed_requests` keeps (oldest dropped first)."""
 
@@ -223,20 +220,10 @@ class BlockManager:
         host, disk = self.host, self.disk
         # Where each block loads from: the host when it holds it, else the disk; the run ends at the
         # first block in neither.
-        if host is not None:
-            # A cold prompt misses early: look up a few blocks first, the rest only when they can
-            # still extend the run (all hit, or the disk may fill the gaps).
-            slots = host.lookup(keys[:FIRST_LOOKUP])
+        if host is not None and (disk is not None or host.matchable(host.lookup(keys[:1]))[0]):
+            slots = host.lookup(keys)
             in_host = host.matchable(slots)
-            if n > FIRST_LOOKUP:
-                if disk is not None or in_host.all():
-                    more = host.lookup(keys[FIRST_LOOKUP:])
-                    more_ok = host.matchable(more)
-                else:
-                    more, more_ok = np.full(n - FIRST_LOOKUP, ABSENT, np.int64), np.zeros(n - FIRST_LOOKUP, bool)
-                slots = np.concatenate([slots, more])
-                in_host = np.concatenate([in_host, more_ok])
-        else:
+        else:  # no host tier, or a cold prompt (its first block misses and no disk can fill in)
             slots, in_host = np.full(n, ABSENT, np.int64), np.zeros(n, bool)
         if in_host.all():  # the common case of a host hit: one tier, no per-block choice
             k = self._cost.best_run(n, self._kinds[HOST])
