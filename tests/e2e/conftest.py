@@ -8,6 +8,7 @@ prefix is compared, layer by layer, with recomputation.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,9 @@ from kvbm_core.trtllm.connector import KvbmConnectorLeader, KvbmConnectorWorker
 
 CONNECTOR = (KvbmConnectorLeader, KvbmConnectorWorker)
 TOKENS_PER_BLOCK = 16
+#: ``KVBM_TEST_DEVICE=cuda`` runs the same end-to-end tests on a GPU (pool, model, streams, pinned
+#: host tier); the model then runs in its invariant mode so KV bytes stay comparable bit for bit.
+DEVICE = os.environ.get("KVBM_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +47,8 @@ def executor_config(**overrides: Any) -> ExecutorConfig:
         max_num_tokens=512,
         max_seq_len=512,
         oracle=True,
+        device=DEVICE,
+        invariant=True,
     )
     return replace(base, **overrides)
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The H200 runs behind benchmarks/results/: run from the repo root on the GPU machine, with the
+# wheels it lacks (pydantic, structlog, kvikio, ... and kvbm's own five distributions) in .whl/.
+#   benchmarks/gpu/run.sh STAGE OUTDIR     STAGE: smoke | transfer | bench-noreuse | bench-cpu | bench-cpu-disk
+# Each stage writes its JSON/PNG and a log into OUTDIR; a failing stage does not stop the next one
+# when several are given comma-separated.
+set -uo pipefail
+stages=${1:?stage}; out=${2:?outdir}
+mkdir -p "$out"
+if ! python3 -c 'import kvbm_core' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+bench() { python3 -m kvbm_core.cli.main bench --device cuda --no-progress "$@"; }
+# Llama-3-8B shape, LMBenchmark long input / short output scaled to minutes (the preset's 2048-block
+# device pool holds ~3 of the 15 users' 21k-token contexts, so the workload overflows it).
+long=(--preset long-input --rounds 3)
+# No reuse at all: 32 users with unique 4k-token prompts offered at once, kvbm writing through to a
+# 48 GB host tier; the throughput ratio kvbm / baseline is kvbm's overhead.
+noreuse=(--preset no-reuse --model llama-3-8b --num-device-blocks 2048 --users 32 --history-tokens 4000
+         --answer-tokens 32 --max-batch-size 16 --profile cpu)
+for stage in ${stages//,/ }; do
+  echo "=== $stage $(date -u +%FT%TZ)"
+  case $stage in
+    smoke) KVBM_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/e2e 2>&1 | tee "$out/smoke.log" ;;
+    transfer) timeout 420 python3 benchmarks/transfer_bench.py --out "$out/transfer.json" 2>&1 | tee "$out/transfer.log" ;;
+    bench-noreuse) DYN_KVBM_CPU_CACHE_GB=48 timeout 300 bench "${noreuse[@]}" --out "$out" 2>&1 | tee "$out/bench-noreuse.log" ;;
+    bench-cpu) DYN_KVBM_CPU_CACHE_GB=48 timeout 420 bench "${long[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu.log" ;;
+    bench-cpu-disk) DYN_KVBM_CPU_CACHE_GB=16 DYN_KVBM_DISK_CACHE_GB=40 DYN_KVBM_DISK_CACHE_DIR=/tmp timeout 420 bench "${long[@]}" --profile cpu_disk --out "$out" 2>&1 | tee "$out/bench-cpu-disk.log" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
