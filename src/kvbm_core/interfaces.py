@@ -101,7 +101,9 @@ class EvictionPolicy(ABC):
     """Orders the evictable slots of one tier. Owns no bytes and knows nothing of pins.
 
     The tier state adds a slot when it becomes evictable (registered, unpinned, idle) and discards
-    it when that stops being true; :meth:`victim` removes and returns the next slot to evict.
+    it when it is freed; :meth:`victim` removes and returns the next slot to evict. A slot pinned
+    after it was added may stay here (telling the policy of every pin would cost a call per matched
+    block): offered as a victim, the tier skips it, and adds it again, as newly used, when unpinned.
     """
 
     name: ClassVar[str]
