@@ -13,7 +13,7 @@ if ! python3 -c 'import kvbm_core' 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-bench() { python3 -m kvbm_core.cli.main bench --device cuda --no-progress "$@"; }
+bench=(python3 -m kvbm_core.cli.main bench --device cuda --no-progress)
 # Llama-3-8B shape, LMBenchmark long input / short output scaled to minutes (the preset's 2048-block
 # device pool holds ~3 of the 15 users' 21k-token contexts, so the workload overflows it).
 long=(--preset long-input --rounds 3)
@@ -25,10 +25,10 @@ for stage in ${stages//,/ }; do
   echo "=== $stage $(date -u +%FT%TZ)"
   case $stage in
     smoke) KVBM_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/e2e 2>&1 | tee "$out/smoke.log" ;;
-    transfer) timeout 420 python3 benchmarks/transfer_bench.py --out "$out/transfer.json" 2>&1 | tee "$out/transfer.log" ;;
-    bench-noreuse) DYN_KVBM_CPU_CACHE_GB=48 timeout 300 bench "${noreuse[@]}" --out "$out" 2>&1 | tee "$out/bench-noreuse.log" ;;
-    bench-cpu) DYN_KVBM_CPU_CACHE_GB=48 timeout 420 bench "${long[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu.log" ;;
-    bench-cpu-disk) DYN_KVBM_CPU_CACHE_GB=16 DYN_KVBM_DISK_CACHE_GB=40 DYN_KVBM_DISK_CACHE_DIR=/tmp timeout 420 bench "${long[@]}" --profile cpu_disk --out "$out" 2>&1 | tee "$out/bench-cpu-disk.log" ;;
+    transfer) timeout 330 python3 benchmarks/transfer_bench.py --out "$out/transfer.json" 2>&1 | tee "$out/transfer.log" ;;
+    bench-noreuse) DYN_KVBM_CPU_CACHE_GB=48 timeout 240 "${bench[@]}" "${noreuse[@]}" --out "$out" 2>&1 | tee "$out/bench-noreuse.log" ;;
+    bench-cpu) DYN_KVBM_CPU_CACHE_GB=48 timeout 420 "${bench[@]}" "${long[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu.log" ;;
+    bench-cpu-disk) DYN_KVBM_CPU_CACHE_GB=16 DYN_KVBM_DISK_CACHE_GB=40 DYN_KVBM_DISK_CACHE_DIR=/tmp timeout 420 "${bench[@]}" "${long[@]}" --profile cpu_disk --out "$out" 2>&1 | tee "$out/bench-cpu-disk.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -19,6 +19,8 @@ from kvbm_core.registry import Registry
 def build_tiers(config: WorkerConfig, layout: BlockLayout, rank: int, device: torch.device | None,
                 registry: Registry) -> dict[TierLevel, StorageTier]:
     """Allocate this rank's storage for every tier the leader sized, host first."""
+    if device is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # tiers bind to one GPU by index
     tiers: dict[TierLevel, StorageTier] = {}
     try:
         for allocation in sorted(config.tiers, key=lambda t: t.level):
