@@ -177,11 +177,13 @@ class Bench:
 
                 def raw_d2h(n=n) -> None:
                     with torch.cuda.stream(stream) if stream is not None else _null():
-                        host.slots[:n].copy_(pool_bytes[:n], non_blocking=True)
+                        for a, b in segments(host, n):
+                            host.slots[a:b].copy_(pool_bytes[a:b], non_blocking=True)
 
                 def raw_h2d(n=n) -> None:
                     with torch.cuda.stream(stream) if stream is not None else _null():
-                        pool_bytes[:n].copy_(host.slots[:n], non_blocking=True)
+                        for a, b in segments(host, n):
+                            pool_bytes[a:b].copy_(host.slots[a:b], non_blocking=True)
 
                 ref_d2h = gb / timed(raw_d2h, self.device, args.repeats)
                 ref_h2d = gb / timed(raw_h2d, self.device, args.repeats)
@@ -266,7 +268,8 @@ class Bench:
         tier = tiers[TierLevel.DISK]
         host = tiers[TierLevel.HOST]
         pool_bytes = pool.view(n, -1).view(torch.uint8)
-        host.slots.copy_(pool_bytes)
+        for a, b in segments(host, n):
+            host.slots[a:b].copy_(pool_bytes[a:b])
         engine = TransferEngine(pool, layout, tiers, rank=0)
         gb = n * layout.bytes_per_block / 1e9
         raw_w, raw_r = raw_odirect(args.disk_dir, n * tier.record_bytes, args.raw_mb << 20)
@@ -304,6 +307,13 @@ class Bench:
             for t in tiers.values():
                 t.close()
             os.unlink(tier.path)
+
+
+def segments(host, n: int) -> list[tuple[int, int]]:
+    """The raw reference copies: one contiguous copy per pinned segment of the host pool (CUDA sees
+    each segment as its own pinned allocation, so one copy cannot span two; segments are ~512 MiB)."""
+    step = max(1, host.segment_slots)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 class _null:

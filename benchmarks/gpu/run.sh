@@ -13,7 +13,7 @@ if ! python3 -c 'import kvbm_core' 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-bench=(python3 -m kvbm_core.cli.main bench --device cuda --no-progress)
+bench=(python3 -m kvbm_core.cli bench --device cuda --no-progress)
 # Llama-3-8B shape, LMBenchmark long input / short output scaled to minutes (the preset's 2048-block
 # device pool holds ~3 of the 15 users' 21k-token contexts, so the workload overflows it).
 long=(--preset long-input --rounds 3)

@@ -19,7 +19,7 @@ import mmap
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import structlog
@@ -107,6 +107,14 @@ class _CudaRuntime:
         return int(torch.cuda.cudart().cudaHostUnregister(ptr))
 
 
+def _register_result(future: "Future[int]") -> int | str:
+    """The CUDA error code of one registration, or the exception text where it raised."""
+    try:
+        return future.result()
+    except Exception as exc:  # reported with the others, after the successful ones are undone
+        return repr(exc)
+
+
 def _mapped_library(stem: str) -> str | None:
     try:
         with open("/proc/self/maps") as maps:
@@ -168,8 +176,13 @@ class HostMemory:
             self.pinned = cuda_pinning_available(device)
             if self.pinned:
                 assert device is not None
+                if device.index is None:
+                    device = torch.device("cuda", torch.cuda.current_device())
                 runtime = _CudaRuntime.get()
-                errors = list(pool.map(lambda s: (s, runtime.register(self.address + s, self._len(s), device)), starts))
+                futures = [pool.submit(runtime.register, self.address + s, self._len(s), device) for s in starts]
+                errors = [(s, _register_result(f)) for s, f in zip(starts, futures)]
+                # Every segment that did register is unregistered on failure: a registration left
+                # behind on memory that is later unmapped makes the next mapping fail with error 712.
                 self._registered = [s for s, err in errors if err == 0]
                 failed = [err for _, err in errors if err != 0]
                 if failed:
