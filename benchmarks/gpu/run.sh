@@ -17,6 +17,10 @@ bench=(python3 -m kvbm_core.cli bench --device cuda --no-progress)
 # Llama-3-8B shape, LMBenchmark long input / short output scaled to minutes (the preset's 2048-block
 # device pool holds ~3 of the 15 users' 21k-token contexts, so the workload overflows it).
 long=(--preset long-input --rounds 3)
+# The same shape at a size one device session affords: 8 users x 3 rounds of 1000 + 8000-token
+# contexts (~9.6 GB of KV) against a 768-block (~3.2 GB) device pool, 16-token answers.
+small=(--preset long-input --users 8 --rounds 3 --history-tokens 8000 --answer-tokens 16
+       --num-device-blocks 768 --max-batch-size 8)
 # No reuse at all: 32 users with unique 4k-token prompts offered at once, kvbm writing through to a
 # 48 GB host tier; the throughput ratio kvbm / baseline is kvbm's overhead.
 noreuse=(--preset no-reuse --model llama-3-8b --num-device-blocks 2048 --users 32 --history-tokens 4000
@@ -27,8 +31,9 @@ for stage in ${stages//,/ }; do
     smoke) KVBM_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/e2e 2>&1 | tee "$out/smoke.log" ;;
     transfer) timeout 330 python3 benchmarks/transfer_bench.py --out "$out/transfer.json" 2>&1 | tee "$out/transfer.log" ;;
     bench-noreuse) DYN_KVBM_CPU_CACHE_GB=48 timeout 240 "${bench[@]}" "${noreuse[@]}" --out "$out" 2>&1 | tee "$out/bench-noreuse.log" ;;
-    bench-cpu) DYN_KVBM_CPU_CACHE_GB=48 timeout 420 "${bench[@]}" "${long[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu.log" ;;
-    bench-cpu-disk) DYN_KVBM_CPU_CACHE_GB=16 DYN_KVBM_DISK_CACHE_GB=40 DYN_KVBM_DISK_CACHE_DIR=/tmp timeout 420 "${bench[@]}" "${long[@]}" --profile cpu_disk --out "$out" 2>&1 | tee "$out/bench-cpu-disk.log" ;;
+    bench-cpu) DYN_KVBM_CPU_CACHE_GB=48 timeout 400 "${bench[@]}" "${long[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu.log" ;;
+    bench-cpu-small) DYN_KVBM_CPU_CACHE_GB=16 timeout 330 "${bench[@]}" "${small[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu-small.log" ;;
+    bench-cpu-disk) DYN_KVBM_CPU_CACHE_GB=16 DYN_KVBM_DISK_CACHE_GB=40 DYN_KVBM_DISK_CACHE_DIR=/tmp timeout 400 "${bench[@]}" "${long[@]}" --profile cpu_disk --out "$out" 2>&1 | tee "$out/bench-cpu-disk.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
