@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from kvbm_core.errors import KvbmLoadError
 from kvbm_core.testing.errors import ContractViolation
 from kvbm_core.testing.llm_args import TorchLlmArgs, rank_view
 from kvbm_core.testing.request import LlmRequest, LlmRequestState
@@ -85,6 +86,7 @@ class ConnectorManager:
         self._scheduler_output: SchedulerOutput | None = None
         self._new_saving: list[int] = []
         self._new_loading: list[int] = []
+        self._failed_loads: set[int] = set()
         self._ranks = [_RankAsync() for _ in range(self.tp_size)]
 
     # -- construction -------------------------------------------------------------------------
@@ -270,16 +272,29 @@ class ConnectorManager:
             request.state = LlmRequestState.DISAGG_CONTEXT_TRANS_IN_PROGRESS
         return saving_async
 
-    def get_finished(self) -> tuple[list[int], list[int]]:
-        """One poll of every rank; the (saved, loaded) ids that every rank has now reported."""
+    def get_finished(self) -> tuple[list[int], list[int], dict[int, str]]:
+        """One poll of every rank: the (saved, loaded) ids that every rank has now reported, and the
+        requests whose asynchronous load a rank reported as failed (id -> message).
+
+        A worker reports failed loads by raising :class:`~kvbm_core.errors.KvbmLoadError`, which names
+        the requests. TRT-LLM 1.2 has no per-request path for that: the exception reaches its
+        executor loop, which ends every active request with the error. The reference executor ends
+        only the named requests (what an engine with a load-failure API does) and keeps serving.
+        """
         saving, loading = self._new_saving, self._new_loading
         self._new_saving, self._new_loading = [], []
+        failed: dict[int, str] = {}
         for rank, (worker, state) in enumerate(zip(self.workers, self._ranks, strict=False)):
             state.pending_saving.update(saving)
             state.pending_loading.update(loading)
             self._worker_calls[rank]["get_finished"] += 1
-            result = worker.get_finished(list(saving), list(loading))
+            try:
+                result = worker.get_finished(list(saving), list(loading))
+            except KvbmLoadError as exc:
+                failed.update((int(rid), str(exc)) for rid in exc.request_ids)
+                continue
             saved, loaded = self._check_finished(rank, result)
+            loaded = [rid for rid in loaded if rid not in self._failed_loads]  # other ranks catch up later
             for ids, pending, done, kind in (
                 (saved, state.pending_saving, state.done_saving, "finished_saving"),
                 (loaded, state.pending_loading, state.done_loading, "finished_loading"),
@@ -292,12 +307,16 @@ class ConnectorManager:
                         )
                     pending.discard(rid)
                     done.add(rid)
+        self._failed_loads.update(failed)
+        for state in self._ranks:
+            state.pending_loading.difference_update(failed)
+            state.done_loading.difference_update(failed)
         all_saved = set.intersection(*(s.done_saving for s in self._ranks))
         all_loaded = set.intersection(*(s.done_loading for s in self._ranks))
         for state in self._ranks:
             state.done_saving -= all_saved
             state.done_loading -= all_loaded
-        return sorted(all_saved), sorted(all_loaded)
+        return sorted(all_saved), sorted(all_loaded), failed
 
     def outstanding(self) -> tuple[set[int], set[int]]:
         """Ids handed to (or awaiting) get_finished that not every rank has returned yet."""

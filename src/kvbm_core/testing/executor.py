@@ -597,7 +597,12 @@ class ReferenceExecutor:
 
     def _poll_finished(self, run: RunState) -> bool:
         assert self.connector is not None
-        saved, loaded = self.connector.get_finished()
+        saved, loaded, failed = self.connector.get_finished()
+        for rid, message in failed.items():
+            t = run.by_id.get(rid)
+            if t is not None and not t.done:  # its promised KV never became valid: kv_len stays at the device match
+                t.error = message
+                self._terminate(run, t, cancelled=True)
         for rid in saved:
             t = run.saving.pop(rid)
             self.kv_manager.unpin(rid)
@@ -607,7 +612,7 @@ class ReferenceExecutor:
             if t is not None and not t.done:  # a load that finished after its request was cancelled is dropped
                 t.request.state = LlmRequestState.CONTEXT_INIT
                 t.kv_len = t.reused + t.external
-        return bool(saved or loaded)
+        return bool(saved or loaded or failed)
 
     def _check_call_counts(self, before: CallCounts, after: CallCounts, tally: RunTally) -> None:
         """A self-check: the connector calls of this run are the ones TRT-LLM makes for the same run."""

@@ -21,6 +21,7 @@ class RequestResult:
     device_reused_tokens: int  # prompt tokens matched in the device pool
     connector_tokens: int  # prompt tokens the connector promised to load
     async_load: bool
+    error: str | None = None  # set when the request failed (its promised KV could not be loaded)
 
     @property
     def ttft_s(self) -> float | None:

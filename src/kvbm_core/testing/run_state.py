@@ -37,6 +37,7 @@ class RequestTrack:
         self.reused = 0  # prompt tokens matched in the device pool
         self.external = 0  # prompt tokens the connector promised
         self.async_load = False
+        self.error: str | None = None  # why the request failed (a promised load that did not verify)
         self.truth: PrefixTruth | None = None  # the oracle's recomputation of the reused prefix
 
     @property
@@ -67,6 +68,7 @@ class RequestTrack:
             device_reused_tokens=self.reused,
             connector_tokens=self.external,
             async_load=self.async_load,
+            error=self.error,
         )
 
 
