@@ -35,8 +35,13 @@ _SHARED: list[Any] = [
 ]
 
 
-def configure(settings: LoggingSettings | None = None, stream: TextIO | None = None) -> None:
-    """Route kvbm's (and the standard library's) logs to ``stream`` (stderr) in the chosen format."""
+def configure(settings: LoggingSettings | None = None, stream: TextIO | None = None, scope: str | None = None) -> None:
+    """Route logs to ``stream`` (stderr) in the chosen format.
+
+    ``scope=None`` (the CLI) takes over the root logger, so the standard library's records look
+    alike. Inside an engine (``scope="kvbm"``, the connector) only kvbm's own loggers are routed, and
+    they do not propagate: the engine's logging stays as the engine set it up.
+    """
     settings = settings or LoggingSettings()
     level = getattr(logging, settings.level.upper())
     if settings.format == "json":
@@ -61,11 +66,18 @@ def configure(settings: LoggingSettings | None = None, stream: TextIO | None = N
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
         )
     )
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
+    if scope is None:  # a process-wide configuration replaces any scoped one made earlier
+        kvbm = logging.getLogger("kvbm")
+        for old in [h for h in kvbm.handlers if h.get_name() == _HANDLER_NAME]:
+            kvbm.removeHandler(old)
+        kvbm.propagate = True
+    target = logging.getLogger(scope)
+    for old in [h for h in target.handlers if h.get_name() == _HANDLER_NAME]:
+        target.removeHandler(old)
+    target.addHandler(handler)
+    target.setLevel(level)
+    if scope is not None:
+        target.propagate = False
 
 
 def get_logger(name: str, **context: Any) -> Any:

@@ -46,6 +46,7 @@ from kvbm_core.channel import TierAllocation, WorkerConfig, channel_for, release
 from kvbm_core.errors import ConfigError, KvbmLoadError
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
+from kvbm_core.logging import configure as configure_logging
 from kvbm_core.ops import BACKGROUND, LOADS, STORES, NO_REQUEST, Route, StepOps
 from kvbm_core.registry import default_registry
 from kvbm_core.settings import KvbmSettings, resolve_settings
@@ -114,6 +115,16 @@ def _check_engine_settings(llm_args: Any) -> None:
         )
 
 
+_logging_configured = threading.Event()
+
+
+def _configure_logging(settings: KvbmSettings) -> None:
+    """Once per engine process: kvbm's loggers in the format DYN_KVBM_LOG_FORMAT asks for."""
+    if not _logging_configured.is_set():
+        _logging_configured.set()
+        configure_logging(settings.logging, scope="kvbm")
+
+
 def _model_id(llm_args: Any) -> str:
     return str(getattr(llm_args, "model", "") or "")
 
@@ -128,6 +139,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         self._registry = default_registry()
         self._resolved = resolve_settings(registry=self._registry)
         settings = self._resolved.settings
+        _configure_logging(settings)
         if not settings.tiers:
             raise ConfigError(
                 "DYN_KVBM_CPU_CACHE_GB",
@@ -294,6 +306,7 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         from kvbm_core.worker import TransferEngine, build_tiers
 
         assert self._pool is not None and self._layout is not None
+        _configure_logging(config.settings)
         device = self._pool.device if self._pool.is_cuda else None
         self._tiers = build_tiers(config, self._layout, self._rank, device, self._registry)
         self._engine = TransferEngine(self._pool, self._layout, self._tiers, rank=self._rank)
