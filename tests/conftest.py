@@ -34,12 +34,22 @@ from pathlib import Path
 
 import pytest
 import structlog
+import torch
 
 from kvbm_core.logging import configure
 from kvbm_core.settings.model import LoggingSettings
 
 SERVER_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/usr/local/bin"])
 KVBM = Path(sys.executable).with_name("kvbm")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The tiny reference model runs fastest on one CPU thread here; more threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

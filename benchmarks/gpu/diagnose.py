@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 import torch
@@ -44,7 +43,6 @@ def main() -> None:
     print("baseline A == baseline B:", a.tokens() == b.tokens(), flush=True)
     os.environ["DYN_KVBM_CPU_CACHE_GB"] = "24"
     kv = ReferenceExecutor(cfg, connector=(KvbmConnectorLeader, KvbmConnectorWorker), model=base.model)
-    t0 = time.perf_counter()
     c = kv.run(specs)
     summary("kvbm", c)
     print("baseline A == kvbm:", a.tokens() == c.tokens(), "; B == kvbm:", b.tokens() == c.tokens(), flush=True)

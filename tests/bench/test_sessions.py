@@ -3,23 +3,15 @@ and the bench's session driver, which sends each user's next round with the answ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 
 from kvbm_core.bench import MultiRoundQA, WorkloadConfig
 from kvbm_core.bench.sessions import SessionDriver
 from kvbm_core.testing import ExecutorConfig, ReferenceExecutor, RequestResult, RequestSpec
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_requests_created_on_finish_join_the_run_with_the_next_indices():

@@ -9,14 +9,13 @@ prefix is compared, layer by layer, with recomputation.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from kvbm_core.testing import ExecutorConfig, ReferenceExecutor, RequestSpec, RunResult
@@ -29,12 +28,6 @@ TOKENS_PER_BLOCK = 16
 DEVICE = os.environ.get("KVBM_TEST_DEVICE", "cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def executor_config(**overrides: Any) -> ExecutorConfig:

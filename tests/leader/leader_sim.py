@@ -164,7 +164,6 @@ class Sim:
         return True
 
     def _report(self, req: SimRequest) -> RequestData:
-        tpb = self.tpb
         prompt_len = len(req.prompt)
         if req.computed < prompt_len:
             scheduled = min(self.chunk, prompt_len - req.computed)

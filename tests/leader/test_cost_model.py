@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kvbm_core.identity import block_keys
 from kvbm_core.leader.cost_model import CostModel
-from kvbm_core.ops import OpResult, Route
+from kvbm_core.ops import OpResult
 from kvbm_core.settings.model import CostModelSettings
 
 from .leader_setup import settings as make_settings

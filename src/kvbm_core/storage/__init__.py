@@ -4,7 +4,13 @@
 and staging lanes; ``host_memory`` allocates page-aligned, pinned host memory quickly.
 """
 
-from kvbm_core.storage.base import BlockFileStorage, HostStorage, ReadCheck, StagingLanes
+from kvbm_core.storage.base import (
+    BlockFileStorage,
+    HostStorage,
+    ReadCheck,
+    StagingLanes,
+    check_positive_int_options,
+)
 from kvbm_core.storage.host_memory import AllocationStats, HostMemory, cuda_pinning_available
 
 __all__ = [
@@ -14,5 +20,6 @@ __all__ = [
     "HostStorage",
     "ReadCheck",
     "StagingLanes",
+    "check_positive_int_options",
     "cuda_pinning_available",
 ]

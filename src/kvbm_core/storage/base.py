@@ -15,16 +15,27 @@ from __future__ import annotations
 
 import queue
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from kvbm_core.errors import StorageError
+from kvbm_core.errors import ConfigError, StorageError
 from kvbm_core.interfaces import StorageTier, TierLevel
 from kvbm_core.storage.host_memory import AllocationStats, HostMemory
+
+
+def check_positive_int_options(options: Mapping[str, Any], key: str, allowed: set[str]) -> None:
+    """A tier's ``options``: only ``allowed`` names, each a positive integer; errors name the key."""
+    unknown = set(options) - allowed
+    if unknown:
+        raise ConfigError(key, f"unknown option(s) {sorted(unknown)}", allowed)
+    for name in allowed & set(options):
+        value = options[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{key}.{name}", f"must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from kvbm_core.errors import ConfigError
 from kvbm_core.hookspecs import hookimpl
 from kvbm_core.interfaces import CheckResult, TierContext
-from kvbm_core.storage import HostMemory, HostStorage
+from kvbm_core.storage import HostMemory, HostStorage, check_positive_int_options
 
 log = structlog.get_logger("kvbm.tier.cpu")
 
@@ -69,13 +69,7 @@ class PinnedHostTier(HostStorage):
 
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ConfigError(key, f"unknown option(s) {sorted(unknown)}", _OPTIONS)
-        for name in _OPTIONS & set(options):
-            value = options[name]
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{key}.{name}", f"must be a positive integer, got {value!r}")
+        check_positive_int_options(options, key, _OPTIONS)
 
     @classmethod
     def diagnose(cls, spec: Any, settings: Any) -> list[CheckResult]:

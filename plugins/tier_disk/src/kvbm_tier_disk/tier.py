@@ -26,11 +26,11 @@ import numpy as np
 import structlog
 import torch
 
-from kvbm_core.errors import ConfigError, StorageError
+from kvbm_core.errors import StorageError
 from kvbm_core.interfaces import CheckResult, TierContext
 from kvbm_core.layout import BlockLayout
 from kvbm_core.settings.model import KvbmSettings
-from kvbm_core.storage import BlockFileStorage, ReadCheck, StagingLanes
+from kvbm_core.storage import BlockFileStorage, ReadCheck, StagingLanes, check_positive_int_options
 from kvbm_tier_disk.blockfile import BlockFile, fallocate, file_stem, open_block_file, recreate
 from kvbm_tier_disk.format import (
     HEADER_BYTES,
@@ -203,13 +203,7 @@ class LocalDiskTier(BlockFileStorage):
     # --------------------------------------------------------------------------- plumbing
     @classmethod
     def validate_options(cls, options: Mapping[str, Any], key: str) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ConfigError(key, f"unknown option(s) {sorted(unknown)}", _OPTIONS)
-        for name in _OPTIONS & set(options):
-            value = options[name]
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{key}.{name}", f"must be a positive integer, got {value!r}")
+        check_positive_int_options(options, key, _OPTIONS)
 
     @classmethod
     def diagnose(cls, spec: Any, settings: KvbmSettings) -> list[CheckResult]:
