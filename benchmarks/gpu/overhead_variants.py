@@ -6,6 +6,8 @@ Variants (each one removes a single suspect; the harness changes nothing in the 
 - ``baseline``: no connector.
 - ``kvbm``: kvbm as shipped (stores start on the forward-pass callable, before the sample is read).
 - ``kvbm-nostores``: every connector call as usual, but no device -> host copy is ever issued.
+- ``kvbm-nohooks``: kvbm as shipped, but decode-only steps run without the per-layer hooks (the
+  executor's ``cuda_graphs`` switch, which changes nothing else).
 - ``kvbm-runs``: stores copied with one ``copy_`` per run instead of ``cuMemcpyBatchAsync``.
 - ``kvbm-late``: stores issued from ``get_finished``, after the executor read the sampled tokens,
   so no store copy is queued ahead of the engine's own device -> host reads of the samples.
@@ -14,7 +16,7 @@ Per run it prints wall, forward time of steps with prefill tokens and of decode-
 stores' total bytes and mean GB/s (CUDA event timing of each store operation).
 
 python3 benchmarks/gpu/overhead_variants.py [--users 24] [--history 2000] [--answer 16]
-        [--variants baseline,kvbm,kvbm-nostores,kvbm-late,kvbm-runs]
+        [--variants baseline,kvbm,kvbm-nostores,kvbm-late,kvbm-nohooks,kvbm-runs]
 On CPU at a tiny size: --model tiny --device cpu --users 4 --history 256 --num-blocks 256
 """
 
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -81,7 +84,7 @@ class RunsWorker(_Recording):
             self._engine.copier.strategy = "runs"
 
 
-WORKERS = {"kvbm": _Recording, "kvbm-nostores": NoStoresWorker, "kvbm-late": LateStoresWorker,
+WORKERS = {"kvbm": _Recording, "kvbm-nohooks": _Recording, "kvbm-nostores": NoStoresWorker, "kvbm-late": LateStoresWorker,
            "kvbm-runs": RunsWorker}
 
 
@@ -94,7 +97,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--num-blocks", type=int, default=2048)
     p.add_argument("--cpu-cache-gb", default="8")  # per kvbm variant; 24 x 2000 tokens need 6.2 GB
-    p.add_argument("--variants", default="baseline,kvbm,kvbm-nostores,kvbm-late,kvbm-runs")
+    p.add_argument("--variants", default="baseline,kvbm,kvbm-nostores,kvbm-late,kvbm-nohooks,kvbm-runs")
     args = p.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n != "baseline" and n not in WORKERS]
@@ -113,7 +116,8 @@ def main() -> None:
     executors = {}
     for name in names:
         connector = None if name == "baseline" else (KvbmConnectorLeader, WORKERS[name])
-        executors[name] = ReferenceExecutor(cfg, connector=connector, model=warm.model)
+        config = replace(cfg, cuda_graphs=name == "kvbm-nohooks")
+        executors[name] = ReferenceExecutor(config, connector=connector, model=warm.model)
     rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     for seed, name in enumerate(names + names[::-1]):
         STORE_BYTES[:] = [0.0, 0.0]
