@@ -88,6 +88,23 @@ WORKERS = {"kvbm": _Recording, "kvbm-nohooks": _Recording, "kvbm-nostores": NoSt
            "kvbm-runs": RunsWorker}
 
 
+def _stream_facts(executor: ReferenceExecutor) -> str:
+    """The copy strategy and the CUDA flags of the store stream (1: non-blocking) of rank 0."""
+    engine = executor.workers[0]._engine
+    if engine is None or not engine.cuda:
+        return f"copies={engine.copier.strategy if engine is not None else None}"
+    import ctypes
+
+    from kvbm_core.storage.host_memory import _mapped_library
+
+    stream = engine._store_lane.submit(engine._stream).result()
+    flags = ctypes.c_uint(99)
+    path = _mapped_library("libcudart.so")
+    if path is not None:
+        ctypes.CDLL(path).cudaStreamGetFlags(ctypes.c_void_p(stream.cuda_stream), ctypes.byref(flags))
+    return f"copies={engine.copier.strategy} store_stream_flags={flags.value} (1 = non-blocking)"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--users", type=int, default=24)
@@ -118,6 +135,9 @@ def main() -> None:
         connector = None if name == "baseline" else (KvbmConnectorLeader, WORKERS[name])
         config = replace(cfg, cuda_graphs=name == "kvbm-nohooks")
         executors[name] = ReferenceExecutor(config, connector=connector, model=warm.model)
+    for name, ex in executors.items():
+        if ex.connector is not None:
+            print(f"{name}: {_stream_facts(ex)}", flush=True)
     rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     for seed, name in enumerate(names + names[::-1]):
         STORE_BYTES[:] = [0.0, 0.0]
