@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from kvbm_core.testing import ExecutorConfig, ReferenceExecutor, RequestSpec
+from kvbm_core.testing.shapes import resolve_shape
 from kvbm_core.trtllm.connector import KvbmConnectorLeader, KvbmConnectorWorker
 
 STORE_BYTES: list[float] = [0.0, 0.0]  # bytes, seconds of the D2H results of the current run
@@ -121,9 +122,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: baseline, {', '.join(WORKERS)}")
 
+    top = min(30000, resolve_shape(args.model).vocab_size)  # the token range of overhead_abba.py
+
     def workload(seed: int) -> list[RequestSpec]:  # fresh prompts every run: nothing to reuse
         rng = np.random.default_rng(seed)
-        return [RequestSpec(rng.integers(1, 500, args.history).tolist(), args.answer) for _ in range(args.users)]
+        return [RequestSpec(rng.integers(1, top, args.history).tolist(), args.answer) for _ in range(args.users)]
 
     cfg = ExecutorConfig(model=args.model, device=args.device, tokens_per_block=32, num_blocks=args.num_blocks,
                          max_batch_size=16, max_num_tokens=8192, max_seq_len=args.history + args.answer)
