@@ -36,7 +36,6 @@ keeps serving without metrics: losing the dashboard must not take inference down
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -46,6 +45,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_se
 from kvbm_core.errors import ConfigError
 from kvbm_core.hookspecs import hookimpl
 from kvbm_core.interfaces import TierLevel
+from kvbm_core.leader.stats import HitRateWindow
 from kvbm_core.logging import get_logger
 from kvbm_core.ops import Route
 
@@ -64,34 +64,6 @@ ONBOARD_NAMES: Mapping[TierLevel, tuple[str, str]] = {
 }
 
 log = get_logger("kvbm.metrics")
-
-
-class HitRateWindow:
-    """Block-weighted hit rates over the last ``max_requests`` finished requests (running sums)."""
-
-    def __init__(self, max_requests: int) -> None:
-        self._entries: deque[tuple[int, int, int]] = deque()
-        self._max = max_requests
-        self._host = self._disk = self._queried = 0
-
-    def add(self, queried: int, host_hits: int, disk_hits: int) -> None:
-        self._entries.append((queried, host_hits, disk_hits))
-        self._queried += queried
-        self._host += host_hits
-        self._disk += disk_hits
-        if len(self._entries) > self._max:
-            q, h, d = self._entries.popleft()
-            self._queried -= q
-            self._host -= h
-            self._disk -= d
-
-    @property
-    def host_rate(self) -> float:
-        return self._host / self._queried if self._queried else 0.0
-
-    @property
-    def disk_rate(self) -> float:
-        return self._disk / self._queried if self._queried else 0.0
 
 
 class KvbmMetrics:
