@@ -201,9 +201,6 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
             self._manager.recovered(kind, slots, keys)
             log.info("disk blocks recovered from a previous run", tier=kind, blocks=int(len(slots)))
 
-    def on_results(self, results: list) -> None:
-        self._manager.apply_results(results)
-
     # -- TRT-LLM scheduler API ---------------------------------------------------------------
     def _block_manager(self) -> Any:
         if self._manager is None:
