@@ -85,3 +85,30 @@ def test_presets_have_the_real_models_kv_bytes() -> None:
     assert PRESETS["llama-3-8b"].kv_bytes_per_token == 131_072
     with pytest.raises(ConfigError, match="unknown reference model preset"):
         ReferenceModel("gpt-5")
+
+
+def test_batched_fast_path_agrees_with_one_piece_at_a_time() -> None:
+    """The fast path computes a batch as one (norms, projections, MLP over every row); each piece
+    still attends only over its own blocks, so KV and tokens match computing the pieces alone."""
+    model = ReferenceModel("tiny", seed=4, max_seq_len=256, invariant=False)
+    prompts = [_prompt(70, seed=s) for s in (1, 2, 3)]
+    tables = [list(range(0, 5)), list(range(5, 10)), list(range(10, 15))]
+
+    def run(batched: bool) -> tuple[torch.Tensor, list[int | None]]:
+        pools = KvPools(model.pool_geometry(15, TPB), "cpu")
+        for prompt, table in zip(prompts[1:], tables[1:]):  # prefixes already in the pool
+            model.forward([Piece(table, 0, prompt[:40], False)], pools)
+        pieces = [
+            Piece(tables[0], 0, prompts[0], True),  # a whole prompt
+            Piece(tables[1], 40, prompts[1][40:], False),  # a chunk after a prefix, no sample
+            Piece(tables[2], 40, prompts[2][40:41], True),  # one token after a prefix
+        ]
+        if batched:
+            samples = model.forward(pieces, pools)
+        else:
+            samples = [s for p in pieces for s in model.forward([p], pools)]
+        return torch.stack(pools.tensors), [None if s is None else int(s) for s in samples]
+
+    (kv_batched, tokens_batched), (kv_alone, tokens_alone) = run(True), run(False)
+    assert tokens_batched[1] is None and tokens_batched == tokens_alone
+    assert torch.allclose(kv_batched, kv_alone, atol=1e-5)

@@ -6,11 +6,13 @@ attends over the prefix *read back from the pool*, so KV that a connector onboar
 and wrong bytes change the output. Per decoder layer ``i`` it calls ``pre_hook(i)`` before the
 layer's work and ``post_hook(i)`` after it, as TRT-LLM's forward hooks do; sampling is greedy.
 
-Every request is computed on its own. In *invariant* mode (the default on CPU) every matmul has at
+In *invariant* mode (the default on CPU) every request is computed on its own, every matmul has at
 least two rows and attention always spans ``max_seq_len`` keys (masked), so a token's KV does not
 depend on how its prompt was chunked, reused or batched: on CPU float32 the bytes are identical
-whether a prefix was computed in this run, device-reused, or loaded. Otherwise attention runs
-through ``scaled_dot_product_attention`` (fast on GPU; deterministic for a fixed schedule only).
+whether a prefix was computed in this run, device-reused, or loaded. Otherwise (the GPU default)
+the batch runs as one: norms, projections and the MLP over all its rows at once, attention piece by
+piece through ``scaled_dot_product_attention``, as an engine batches; a token's KV then depends on
+what it was batched with (deterministic for a fixed schedule only).
 """
 
 from __future__ import annotations
@@ -120,7 +122,14 @@ class ReferenceModel:
         Returns, per piece, the greedy next token as a 0-d tensor on the model's device (``None``
         for pieces that do not sample). Reading it (``int(t)``) waits for the forward pass.
         """
-        states = [self._start(p) for p in pieces]
+        for piece in pieces:
+            end = piece.start + len(piece.tokens)
+            if end == piece.start:
+                raise ValueError("a piece must compute at least one token")
+            if end > self.max_seq_len:
+                raise ValueError(f"position {end - 1} is beyond max_seq_len={self.max_seq_len}")
+        groups = [[p] for p in pieces] if self.invariant else [list(pieces)] if pieces else []
+        states = [self._start(group) for group in groups]
         for i, layer in enumerate(self.layers):
             if pre_hook is not None:
                 pre_hook(i)
@@ -128,25 +137,34 @@ class ReferenceModel:
                 st.h = self._layer(layer, i, st, pools)
             if post_hook is not None:
                 post_hook(i)
-        return [self._sample(st) if st.piece.sample else None for st in states]
+        return [token for st in states for token in self._sample(st)]
 
-    # -- one request ----------------------------------------------------------------------------
+    # -- one group of pieces ---------------------------------------------------------------------
 
-    def _start(self, piece: Piece) -> _PieceState:
-        n = len(piece.tokens)
-        if n == 0:
-            raise ValueError("a piece must compute at least one token")
-        end = piece.start + n
-        if end > self.max_seq_len:
-            raise ValueError(f"position {end - 1} is beyond max_seq_len={self.max_seq_len}")
-        tokens = torch.tensor(list(piece.tokens), dtype=torch.long, device=self.device)
-        positions = torch.arange(piece.start, end, dtype=torch.long, device=self.device)
-        if self.invariant and n == 1:  # one-row matmuls take a different kernel: compute two equal rows
-            tokens, positions = tokens.repeat(2), positions.repeat(2)
-        table = torch.tensor(list(piece.block_table), dtype=torch.long, device=self.device)
-        return _PieceState(piece, n, end, positions, table, self.embed[tokens])
+    def _start(self, group: Sequence[Piece]) -> _GroupState:
+        """Row layout of a group: its pieces' rows side by side (two equal rows for a one-token
+        piece in invariant mode, where one-row matmuls would take a different kernel)."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        spans: list[_Span] = []
+        tables: list[int] = []
+        for piece in group:
+            n = len(piece.tokens)
+            rows = 2 if self.invariant and n == 1 else n
+            first_row, first_entry = len(tokens), len(tables)
+            tokens += list(piece.tokens) * (rows // n)
+            positions += list(range(piece.start, piece.start + n)) * (rows // n)
+            tables += piece.block_table
+            spans.append(_Span(piece, first_row, rows, n, piece.start + n, first_entry, len(tables)))
+        dev = self.device
+        token_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+        all_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+        for span in spans:
+            span.table = all_tables[span.table_from : span.table_to]
+        return _GroupState(spans, torch.tensor(positions, dtype=torch.long, device=dev), self.embed[token_ids])
 
-    def _layer(self, layer: _Layer, index: int, st: _PieceState, pools: KvPools) -> torch.Tensor:
+    def _layer(self, layer: _Layer, index: int, st: _GroupState, pools: KvPools) -> torch.Tensor:
+        """One decoder layer over every row of the group; only attention goes piece by piece."""
         s = self.shape
         d, hq, hkv = s.head_dim, s.num_q_heads, s.num_kv_heads
         x = self._norm(st.h, layer.attn_norm)
@@ -158,46 +176,56 @@ class ReferenceModel:
         if layer.q_norm is not None:
             q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
         q, k = self._rope(q, st.positions), self._rope(k, st.positions)
-        real = st.num_real
-        pools.write(index, st.table, st.positions[:real], k[:real], v[:real])
-        attn = self._attend(q, pools, index, st)
+        outputs = []
+        for span in st.spans:
+            real = slice(span.row, span.row + span.num_real)
+            pools.write(index, span.table, st.positions[real], k[real], v[real])
+            outputs.append(self._attend(q[span.row : span.row + span.rows], pools, index, span, st.positions))
+        attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         h = st.h + attn @ layer.wo
         x = self._norm(h, layer.mlp_norm)
         gate, up = (x @ layer.wgu).chunk(2, dim=-1)
         return h + (F.silu(gate) * up) @ layer.wdown
 
-    def _attend(self, q: torch.Tensor, pools: KvPools, layer: int, st: _PieceState) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, pools: KvPools, layer: int, span: _Span, positions: torch.Tensor
+    ) -> torch.Tensor:
         s = self.shape
         rows, hq, d = q.shape
         hkv = s.num_kv_heads
         group = hq // hkv
         scale = d**-0.5
         if self.invariant:
-            keys, values = pools.read(layer, st.table, st.end, padded_length=self.max_seq_len)
+            keys, values = pools.read(layer, span.table, span.end, padded_length=self.max_seq_len)
             qg = q.permute(1, 0, 2).reshape(hkv, group * rows, d)  # q heads sharing a KV head
             scores = torch.bmm(qg.float(), keys.float().transpose(1, 2)) * scale
             key_pos = torch.arange(self.max_seq_len, device=q.device)
-            masked = (key_pos[None, :] > st.positions[:, None]).repeat(group, 1)
+            query_pos = positions[span.row : span.row + rows]
+            masked = (key_pos[None, :] > query_pos[:, None]).repeat(group, 1)
             scores.masked_fill_(masked, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             out = torch.bmm(probs, values.float()).to(q.dtype)  # [hkv, group*rows, d]
             return out.reshape(hq, rows, d).permute(1, 0, 2).reshape(rows, hq * d)
-        keys, values = pools.read(layer, st.table, st.end)
+        keys, values = pools.read(layer, span.table, span.end)
         q4 = q.permute(1, 0, 2).unsqueeze(0)
         k4 = keys.repeat_interleave(group, 0).unsqueeze(0)  # equal head counts keep flash attention eligible
         v4 = values.repeat_interleave(group, 0).unsqueeze(0)
-        if rows == st.end or rows == 1:  # causal from position 0, or one query that sees every key
+        if rows == span.end or rows == 1:  # causal from position 0, or one query that sees every key
             out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=rows > 1)
         else:  # a chunk after a prefix: the queries are the last ``rows`` positions
-            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(rows, st.end))
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=causal_lower_right(rows, span.end))
         return out[0].permute(1, 0, 2).reshape(rows, hq * d)
 
-    def _sample(self, st: _PieceState) -> torch.Tensor:
-        last = self._norm(st.h[st.num_real - 1 : st.num_real], self.final_norm)
-        if self.invariant:
+    def _sample(self, st: _GroupState) -> list[torch.Tensor | None]:
+        """Greedy next tokens of the group's sampling pieces, ``None`` for the others."""
+        last_rows = [span.row + span.num_real - 1 for span in st.spans if span.piece.sample]
+        if not last_rows:
+            return [None] * len(st.spans)
+        last = self._norm(st.h[last_rows], self.final_norm)
+        if self.invariant:  # one piece: two equal rows, for the same matmul kernel as every other step
             last = last.expand(2, -1)
-        logits = last @ self.lm_head
-        return torch.argmax(logits[0])
+        picked = iter(torch.argmax(last @ self.lm_head, dim=-1))
+        return [next(picked) if span.piece.sample else None for span in st.spans]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -213,19 +241,30 @@ class ReferenceModel:
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-class _PieceState:
-    """A piece in flight: its residual stream and the index tensors of its positions."""
+class _Span:
+    """Where one piece's rows and block table lie inside its group."""
 
-    __slots__ = ("piece", "num_real", "end", "positions", "table", "h")
+    __slots__ = ("end", "num_real", "piece", "row", "rows", "table", "table_from", "table_to")
 
-    def __init__(
-        self, piece: Piece, num_real: int, end: int, positions: torch.Tensor, table: torch.Tensor, h: torch.Tensor
-    ):
+    def __init__(self, piece: Piece, row: int, rows: int, num_real: int, end: int, table_from: int, table_to: int):
         self.piece = piece
-        self.num_real = num_real
-        self.end = end
+        self.row = row
+        self.rows = rows
+        self.num_real = num_real  # rows beyond num_real repeat the last one (invariant mode)
+        self.end = end  # the sequence length once this piece is written
+        self.table_from = table_from
+        self.table_to = table_to
+        self.table: torch.Tensor | None = None
+
+
+class _GroupState:
+    """Pieces computed together: their residual stream side by side and their positions."""
+
+    __slots__ = ("h", "positions", "spans")
+
+    def __init__(self, spans: list[_Span], positions: torch.Tensor, h: torch.Tensor):
+        self.spans = spans
         self.positions = positions
-        self.table = table
         self.h = h
 
 
