@@ -3,24 +3,30 @@
 Where each route runs:
 
 ==========  ==========================================================================
-D2H         store stream (its own thread enqueues), after the forward-end event
-H2D         load stream (its own thread enqueues); blocking loads make the compute stream wait
-            on the load's event (GPU-side, no host sync)
+D2H         store stream, after the forward-end event
+H2D         load stream; blocking loads make the compute stream wait on the load's event
+            (GPU-side, no host sync)
 H2DISK      I/O thread pool: host rows straight to the file (page-aligned rows need no copy)
 DISK2D      I/O thread pool: file -> staging lane, verify, copy verified blocks to the device
 D2DISK      I/O thread pool: device -> staging lane (or GPUDirect), stamp, write
 ==========  ==========================================================================
 
 Every operation is one :class:`Ticket`. Tickets wait for earlier tickets touching the same slots
-(:mod:`kvbm_core.worker.hazards`): stream tickets wait in their stream thread (host-side only for
-the moment the earlier ticket is *issued*, i.e. its copies are enqueued; the GPU-side wait is
-``wait_event``); I/O tickets are submitted only once every ticket they wait for is issued, so pool
-threads never block on each other. A ticket is done when it is issued and its CUDA event (if any)
+(:mod:`kvbm_core.worker.hazards`): stream tickets wait host-side only for the moment the earlier
+ticket is *issued*, i.e. its copies are enqueued (the GPU-side wait is ``wait_event``); I/O
+tickets are submitted only once every ticket they wait for is issued, so pool threads never block
+on each other. A ticket is done when it is issued and its CUDA event (if any)
 has completed; :meth:`TransferEngine.poll` reports each done ticket once as an :class:`OpResult`.
 A failure (an exception, a block that fails verification, a read of a slot whose write failed, a
 blocking load that missed the forward pass) marks the op failed and is never counted as done.
 
-With a CPU pool (CI) the same threads run plain torch copies; no CUDA is touched.
+Issuing: on CUDA, a stream ticket whose dependencies are all issued is issued in the calling thread
+(the engine's caller: ``start_load_kv``, ``get_finished``): issuing only enqueues copies, and a
+blocking load is waited for by the caller anyway, so a hop to another thread would only add a
+thread wake-up and a GIL handoff to the step. A ticket that must wait goes to its lane's thread,
+and so does every later ticket of that lane while the thread has work, so the stream still sees
+tickets in submission order. With a CPU pool (CI) copies are real work and always run in the
+lanes' threads; no CUDA is touched.
 """
 
 from __future__ import annotations
@@ -108,6 +114,38 @@ class Ticket:
         )
 
 
+class _StreamLane:
+    """One copy direction: its CUDA stream, and a thread that issues onto it when the caller cannot."""
+
+    def __init__(self, name: str, device: torch.device, cuda: bool, initializer: Callable[[], None]) -> None:
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=initializer)
+        self._lock = threading.Lock()
+        self._queued = 0  # calls handed to the thread and not yet finished
+
+    def run(self, call: Callable[[], None], *, ready: bool) -> None:
+        """``call`` now in this thread if ``ready`` (nothing to wait for), on CUDA, and the thread
+        has nothing queued; otherwise in the thread, after what is queued there."""
+        with self._lock:
+            inline = ready and self.stream is not None and self._queued == 0
+            if not inline:
+                self._queued += 1
+        if inline:
+            call()
+        else:
+            self._thread.submit(self._call_queued, call)
+
+    def _call_queued(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        finally:
+            with self._lock:
+                self._queued -= 1
+
+    def shutdown(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
 class TransferEngine:
     """Moves blocks between the KV pool and this rank's tiers (see the module docstring).
 
@@ -143,10 +181,8 @@ class TransferEngine:
         self._live: dict[int, Ticket] = {}
         self._by_request: dict[int, list[Ticket]] = {}
         self._local = threading.local()
-        self._load_lane = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-load-r{rank}",
-                                             initializer=self._thread_init)
-        self._store_lane = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-store-r{rank}",
-                                              initializer=self._thread_init)
+        self._load_lane = _StreamLane(f"kvbm-load-r{rank}", self.device, self.cuda, self._thread_init)
+        self._store_lane = _StreamLane(f"kvbm-store-r{rank}", self.device, self.cuda, self._thread_init)
         threads = io_threads or (self.disk.io_threads if self.disk is not None else 2)
         self._io = ThreadPoolExecutor(threads, thread_name_prefix=f"kvbm-io-r{rank}", initializer=self._thread_init)
         self._closed = False
@@ -226,8 +262,9 @@ class TransferEngine:
             return
         self._closed = True
         self.drain(timeout)
-        for executor in (self._load_lane, self._store_lane, self._io):
-            executor.shutdown(wait=False, cancel_futures=True)
+        self._load_lane.shutdown()
+        self._store_lane.shutdown()
+        self._io.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------ submission
     def _routed(self, op: Op, allowed: frozenset[Route]) -> bool:
@@ -258,10 +295,11 @@ class TransferEngine:
             ticket.finish_issue()
             return ticket
         route = op.route
-        if route == Route.D2H:
-            self._store_lane.submit(self._run_stream, ticket, deps, lambda: self._d2h(ticket, src, dst), after)
-        elif route == Route.H2D:
-            self._load_lane.submit(self._run_stream, ticket, deps, lambda: self._h2d(ticket, src, dst))
+        if route in (Route.D2H, Route.H2D):
+            lane = self._store_lane if route == Route.D2H else self._load_lane
+            copy = self._d2h if route == Route.D2H else self._h2d
+            lane.run(lambda: self._run_stream(ticket, deps, lane.stream, lambda: copy(ticket, src, dst, lane.stream),
+                                              after), ready=all(d.issued.done() for d in deps))
         else:
             self._when_issued(ticket, deps, lambda: self._run_io(ticket, deps, src, dst, after))
         return ticket
@@ -357,9 +395,8 @@ class TransferEngine:
                     d.event.synchronize()
         return True
 
-    def _run_stream(self, ticket: Ticket, deps: list[Ticket], body: Callable[[], None],
-                    after: torch.cuda.Event | None = None) -> None:
-        stream = self._stream()
+    def _run_stream(self, ticket: Ticket, deps: list[Ticket], stream: torch.cuda.Stream | None,
+                    body: Callable[[], None], after: torch.cuda.Event | None = None) -> None:
         try:
             if self._await_deps(ticket, deps, stream):
                 ticket.started()
@@ -382,10 +419,9 @@ class TransferEngine:
         finally:
             ticket.finish_issue()
 
-    def _d2h(self, ticket: Ticket, src: np.ndarray, dst: np.ndarray) -> None:
+    def _d2h(self, ticket: Ticket, src: np.ndarray, dst: np.ndarray, stream: torch.cuda.Stream | None) -> None:
         host, hz = self.host, self._host_hz
         assert isinstance(host, HostStorage) and hz is not None
-        stream = self._stream()
         ok = np.zeros(len(dst), dtype=bool)
         try:
             self.copier.copy(host.slots, dst, self.pool, src, dst_segment=host.segment_slots, stream=stream)
@@ -394,7 +430,7 @@ class TransferEngine:
             with self._lock:
                 hz.written(dst, ok)
 
-    def _h2d(self, ticket: Ticket, src: np.ndarray, dst: np.ndarray) -> None:
+    def _h2d(self, ticket: Ticket, src: np.ndarray, dst: np.ndarray, stream: torch.cuda.Stream | None) -> None:
         host, hz = self.host, self._host_hz
         assert isinstance(host, HostStorage) and hz is not None
         with self._lock:
@@ -403,8 +439,7 @@ class TransferEngine:
             ticket.fail(bad, "the host slot's last write failed")
         keep = np.ones(len(src), dtype=bool)
         keep[bad] = False
-        self.copier.copy(self.pool, dst[keep], host.slots, src[keep], src_segment=host.segment_slots,
-                         stream=self._stream())
+        self.copier.copy(self.pool, dst[keep], host.slots, src[keep], src_segment=host.segment_slots, stream=stream)
 
     # ------------------------------------------------------------------------------- I/O
     def _run_io(self, ticket: Ticket, deps: list[Ticket], src: np.ndarray, dst: np.ndarray,
