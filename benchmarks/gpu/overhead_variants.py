@@ -4,39 +4,67 @@ process (A B C ... then reversed), with each run's forward time split into prefi
 Variants (each one removes a single suspect; the harness changes nothing in the executor):
 
 - ``baseline``: no connector.
-- ``kvbm``: kvbm as shipped (stores start on the forward-pass callable, before the sample is read).
+- ``kvbm``: kvbm as shipped (stores issued in ``get_finished``, after the engine queued its read of
+  the sampled tokens).
 - ``kvbm-nostores``: every connector call as usual, but no device -> host copy is ever issued.
 - ``kvbm-nohooks``: kvbm as shipped, but decode-only steps run without the per-layer hooks (the
   executor's ``cuda_graphs`` switch, which changes nothing else).
 - ``kvbm-runs``: stores copied with one ``copy_`` per run instead of ``cuMemcpyBatchAsync``.
-- ``kvbm-late``: stores issued from ``get_finished``, after the executor read the sampled tokens,
-  so no store copy is queued ahead of the engine's own device -> host reads of the samples.
+- ``kvbm-early``: stores issued at the end of the forward pass (the forward-pass callable), so
+  they are queued on the device -> host copy engine ahead of the engine's read of the samples.
 
-Per run it prints wall, forward time of steps with prefill tokens and of decode-only steps, and the
-stores' total bytes and mean GB/s (CUDA event timing of each store operation).
+Per run it prints wall, forward time of steps with prefill tokens and of decode-only steps, the
+launching thread's CPU time inside the forward pass and in the garbage collector, and the stores'
+total bytes and mean GB/s (CUDA event timing of each store operation). With ``--rounds N`` the
+pass (variants forward, then reversed) repeats N times; the summary gives, per variant, the
+throughput ratio to the baseline of each round, their median, and over all runs.
 
 python3 benchmarks/gpu/overhead_variants.py [--users 24] [--history 2000] [--answer 16]
-        [--variants baseline,kvbm,kvbm-nostores,kvbm-late,kvbm-nohooks,kvbm-runs]
+        [--variants baseline,kvbm,kvbm-early,kvbm-nostores,kvbm-nohooks,kvbm-runs] [--rounds 1] [--out F]
 On CPU at a tiny size: --model tiny --device cpu --users 4 --history 256 --num-blocks 256
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
+import time
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
 
 from kvbm_core.testing import ExecutorConfig, ReferenceExecutor, RequestSpec
 from kvbm_core.testing.shapes import resolve_shape
 from kvbm_core.trtllm.connector import KvbmConnectorLeader, KvbmConnectorWorker
 
 STORE_BYTES: list[float] = [0.0, 0.0]  # bytes, seconds of the D2H results of the current run
+MAIN_CPU: list[float] = [0.0, 0.0]  # main-thread CPU seconds inside model.forward, seconds in gc
+_gc_began: list[float] = [0.0]
+
+
+def _time_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_began[0] = time.perf_counter()
+    else:
+        MAIN_CPU[1] += time.perf_counter() - _gc_began[0]
+
+
+def _count_cpu(forward: Any) -> Any:
+    """``model.forward`` that adds the calling thread's CPU time to MAIN_CPU[0]: wall time above it
+    is time the launching thread spent waiting (for the GIL, or for a full launch queue)."""
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        began = time.thread_time()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            MAIN_CPU[0] += time.thread_time() - began
+
+    return timed
 
 
 class _Recording(KvbmConnectorWorker):
@@ -56,7 +84,7 @@ class _Recording(KvbmConnectorWorker):
 
 
 class NoStoresWorker(_Recording):
-    def _start_stores(self, stream: Any) -> None:
+    def _start_stores(self) -> None:
         ops = self._current_ops()
         if ops is None or ops.step == self._stores_started_for:
             return
@@ -64,18 +92,10 @@ class NoStoresWorker(_Recording):
         self._start_background()
 
 
-class LateStoresWorker(_Recording):
-    def _on_forward_pass_done(self) -> None:
-        pass
-
-    def wait_for_save(self, stream: Any) -> None:
-        pass
-
-    def get_finished(self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]):  # type: ignore[no-untyped-def]
-        pool = self._pool
-        if pool is not None:
-            self._start_stores(torch.cuda.current_stream(pool.device) if pool.is_cuda else None)
-        return super().get_finished(finished_gen_req_ids, started_loading_req_ids)
+class EarlyStoresWorker(_Recording):
+    def _mark_forward_end(self, stream: Any) -> None:
+        super()._mark_forward_end(stream)
+        self._start_stores()
 
 
 class RunsWorker(_Recording):
@@ -85,7 +105,7 @@ class RunsWorker(_Recording):
             self._engine.copier.strategy = "runs"
 
 
-WORKERS = {"kvbm": _Recording, "kvbm-nohooks": _Recording, "kvbm-nostores": NoStoresWorker, "kvbm-late": LateStoresWorker,
+WORKERS = {"kvbm": _Recording, "kvbm-nohooks": _Recording, "kvbm-nostores": NoStoresWorker, "kvbm-early": EarlyStoresWorker,
            "kvbm-runs": RunsWorker}
 
 
@@ -98,7 +118,7 @@ def _stream_facts(executor: ReferenceExecutor) -> str:
 
     from kvbm_core.storage.host_memory import _mapped_library
 
-    stream = engine._store_lane.submit(engine._stream).result()
+    stream = engine._store_lane.stream
     flags = ctypes.c_uint(99)
     path = _mapped_library("libcudart.so")
     if path is not None:
@@ -115,14 +135,16 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--num-blocks", type=int, default=2048)
     p.add_argument("--cpu-cache-gb", default="8")  # per kvbm variant; 24 x 2000 tokens need 6.2 GB
-    p.add_argument("--variants", default="baseline,kvbm,kvbm-nostores,kvbm-late,kvbm-nohooks,kvbm-runs")
+    p.add_argument("--variants", default="baseline,kvbm,kvbm-early,kvbm-nostores,kvbm-nohooks,kvbm-runs")
+    p.add_argument("--rounds", type=int, default=1, help="passes of the variants, each forward then reversed")
+    p.add_argument("--out", help="write the summary JSON here")
     args = p.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n != "baseline" and n not in WORKERS]
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: baseline, {', '.join(WORKERS)}")
 
-    top = min(30000, resolve_shape(args.model).vocab_size)  # the token range of overhead_abba.py
+    top = min(30000, resolve_shape(args.model).vocab_size)  # token ids as in the earlier ABBA runs
 
     def workload(seed: int) -> list[RequestSpec]:  # fresh prompts every run: nothing to reuse
         rng = np.random.default_rng(seed)
@@ -132,6 +154,8 @@ def main() -> None:
                          max_batch_size=16, max_num_tokens=8192, max_seq_len=args.history + args.answer)
     warm = ReferenceExecutor(cfg)
     warm.run(workload(99)[:4])
+    warm.model.forward = _count_cpu(warm.model.forward)  # type: ignore[method-assign]
+    gc.callbacks.append(_time_gc)
     os.environ["DYN_KVBM_CPU_CACHE_GB"] = args.cpu_cache_gb
     executors = {}
     for name in names:
@@ -142,8 +166,9 @@ def main() -> None:
         if ex.connector is not None:
             print(f"{name}: {_stream_facts(ex)}", flush=True)
     rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    for seed, name in enumerate(names + names[::-1]):
+    for seed, name in enumerate((names + names[::-1]) * args.rounds):
         STORE_BYTES[:] = [0.0, 0.0]
+        MAIN_CPU[:] = [0.0, 0.0]
         ex = executors[name]
         result = ex.run(workload(seed))
         for w in ex.workers:
@@ -154,16 +179,26 @@ def main() -> None:
         decode = sum(s.forward_s for s in result.steps if not s.context_tokens)
         gb = STORE_BYTES[0] / 1e9
         row = {"wall_s": result.wall_s, "prefill_fwd_s": prefill, "decode_fwd_s": decode,
-               "steps": len(result.steps), "stored_gb": gb, "store_gbps": gb / STORE_BYTES[1] if STORE_BYTES[1] else 0.0}
+               "steps": len(result.steps), "main_cpu_fwd_s": MAIN_CPU[0], "gc_s": MAIN_CPU[1], "stored_gb": gb, "store_gbps": gb / STORE_BYTES[1] if STORE_BYTES[1] else 0.0}
         rows[name].append(row)
         print(f"{name:14s} wall {result.wall_s:6.2f} s  prefill-fwd {prefill:6.2f} s  decode-fwd {decode:6.2f} s  "
-              f"steps {len(result.steps)}  stored {gb:5.2f} GB at {row['store_gbps']:5.1f} GB/s", flush=True)
-    base = sum(r["wall_s"] for r in rows.get("baseline", [])) or None
-    summary = {n: {"wall_s": [round(r["wall_s"], 3) for r in rs],
-                   "prefill_fwd_s": [round(r["prefill_fwd_s"], 3) for r in rs],
-                   "decode_fwd_s": [round(r["decode_fwd_s"], 3) for r in rs],
-                   "throughput_vs_baseline": round(base / sum(r["wall_s"] for r in rs), 4) if base else None}
-               for n, rs in rows.items()}
+              f"cpu-in-fwd {MAIN_CPU[0]:6.2f} s  gc {MAIN_CPU[1]:5.2f} s  steps {len(result.steps)}  stored {gb:5.2f} GB at {row['store_gbps']:5.1f} GB/s", flush=True)
+    summary: dict[str, Any] = {"command": " ".join(sys.argv), "args": vars(args), "variants": {}}
+    base = rows.get("baseline")
+    for n, rs in rows.items():
+        entry: dict[str, Any] = {k: [round(r[k], 3) for r in rs] for k in rs[0]}
+        if base:  # per round (2 runs of each variant, ABBA-ordered): baseline wall / variant wall
+            def wall(runs: list[dict[str, float]]) -> float:
+                return sum(r["wall_s"] for r in runs)
+
+            per_round = [wall(base[2 * i : 2 * i + 2]) / wall(rs[2 * i : 2 * i + 2]) for i in range(args.rounds)]
+            entry["throughput_vs_baseline_per_round"] = [round(x, 4) for x in per_round]
+            entry["throughput_vs_baseline_median"] = round(float(np.median(per_round)), 4)
+            entry["throughput_vs_baseline"] = round(wall(base) / wall(rs), 4)
+        summary["variants"][n] = entry
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
     print(json.dumps(summary))
     for ex in executors.values():
         for w in ex.workers:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/: run from the repo root on the GPU machine, with the
 # wheels it lacks (pydantic, structlog, kvikio, ... and kvbm's own five distributions) in .whl/.
-#   benchmarks/gpu/run.sh STAGE OUTDIR     STAGE: smoke | transfer | bench-noreuse | bench-cpu | bench-cpu-disk
+#   benchmarks/gpu/run.sh STAGE OUTDIR
+#   STAGE: smoke | transfer | overhead | bench-noreuse | bench-cpu | bench-cpu-small | bench-cpu-disk
 # Each stage writes its JSON/PNG and a log into OUTDIR; a failing stage does not stop the next one
 # when several are given comma-separated.
 set -uo pipefail
@@ -15,8 +16,9 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 bench=(python3 -m kvbm_core.cli bench --device cuda --no-progress)
 # Llama-3-8B shape, LMBenchmark long input / short output scaled to minutes (the preset's 2048-block
-# device pool holds ~3 of the 15 users' 21k-token contexts, so the workload overflows it).
-long=(--preset long-input --rounds 3)
+# device pool holds ~3 of the 15 users' 21k-token contexts, so the workload overflows it), with
+# 16-token answers instead of 100 so that both runs fit one command.
+long=(--preset long-input --answer-tokens 16)
 # The same shape at a size one device session affords: 8 users x 3 rounds of 1000 + 8000-token
 # contexts (~9.6 GB of KV) against a 768-block (~3.2 GB) device pool, 16-token answers.
 small=(--preset long-input --users 8 --rounds 3 --history-tokens 8000 --answer-tokens 16
@@ -28,12 +30,14 @@ noreuse=(--preset no-reuse --model llama-3-8b --num-device-blocks 2048 --users 3
 for stage in ${stages//,/ }; do
   echo "=== $stage $(date -u +%FT%TZ)"
   case $stage in
-    smoke) KVBM_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/e2e 2>&1 | tee "$out/smoke.log" ;;
+    smoke) KVBM_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/e2e 2>&1 | tee "$out/smoke.log" ;;
     transfer) timeout 330 python3 benchmarks/transfer_bench.py --out "$out/transfer.json" 2>&1 | tee "$out/transfer.log" ;;
+    overhead) timeout 150 python3 benchmarks/gpu/overhead_variants.py --users 24 --history 2000 --answer 16 \
+                --variants baseline,kvbm,kvbm-early --rounds 3 --out "$out/overhead.json" 2>&1 | grep -v '"event"' | tee "$out/overhead.log" ;;
     bench-noreuse) DYN_KVBM_CPU_CACHE_GB=48 timeout 240 "${bench[@]}" "${noreuse[@]}" --out "$out" 2>&1 | tee "$out/bench-noreuse.log" ;;
-    bench-cpu) DYN_KVBM_CPU_CACHE_GB=48 timeout 400 "${bench[@]}" "${long[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu.log" ;;
+    bench-cpu) DYN_KVBM_CPU_CACHE_GB=48 timeout 300 "${bench[@]}" "${long[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu.log" ;;
     bench-cpu-small) DYN_KVBM_CPU_CACHE_GB=16 timeout 330 "${bench[@]}" "${small[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu-small.log" ;;
-    bench-cpu-disk) DYN_KVBM_CPU_CACHE_GB=16 DYN_KVBM_DISK_CACHE_GB=40 DYN_KVBM_DISK_CACHE_DIR=/tmp timeout 400 "${bench[@]}" "${long[@]}" --profile cpu_disk --out "$out" 2>&1 | tee "$out/bench-cpu-disk.log" ;;
+    bench-cpu-disk) DYN_KVBM_CPU_CACHE_GB=32 DYN_KVBM_DISK_CACHE_GB=40 DYN_KVBM_DISK_CACHE_DIR=/tmp timeout 200 "${bench[@]}" "${long[@]}" --profile cpu_disk --out "$out" 2>&1 | tee "$out/bench-cpu-disk.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

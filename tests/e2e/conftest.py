@@ -91,11 +91,13 @@ def close_connector(executor: ReferenceExecutor) -> None:
 
 @pytest.fixture
 def kvbm_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Comparison]:
-    """``kvbm_run(specs, tiers=[...], config=ExecutorConfig, env={...})`` -> :class:`Comparison`."""
+    """``kvbm_run(specs, tiers=[...], config=ExecutorConfig, env={...}, connector=(leader, worker))``
+    -> :class:`Comparison`."""
     opened: list[ReferenceExecutor] = []
 
     def run(specs: list[RequestSpec], tiers: Sequence[dict], config: ExecutorConfig | None = None,
-            env: dict[str, str] | None = None, baseline: RunResult | None = None, model: Any = None) -> Comparison:
+            env: dict[str, str] | None = None, baseline: RunResult | None = None, model: Any = None,
+            connector: tuple[type, type] = CONNECTOR) -> Comparison:
         config = config or executor_config()
         profile = write_profile(tmp_path / "profile.yaml", tiers)
         monkeypatch.setenv("DYN_KVBM_PROFILE", str(profile))
@@ -106,7 +108,7 @@ def kvbm_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., C
             reference = ReferenceExecutor(config, model=model)
             baseline = reference.run(specs)
             model = reference.model
-        executor = ReferenceExecutor(config, connector=CONNECTOR, model=model)
+        executor = ReferenceExecutor(config, connector=connector, model=model)
         opened.append(executor)
         result = executor.run(specs)
         return Comparison(baseline, result, executor.scheduler.stats, executor)
