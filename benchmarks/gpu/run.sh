@@ -37,7 +37,7 @@ for stage in ${stages//,/ }; do
     bench-noreuse) DYN_KVBM_CPU_CACHE_GB=48 timeout 240 "${bench[@]}" "${noreuse[@]}" --out "$out" 2>&1 | tee "$out/bench-noreuse.log" ;;
     bench-cpu) DYN_KVBM_CPU_CACHE_GB=48 timeout 300 "${bench[@]}" "${long[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu.log" ;;
     bench-cpu-small) DYN_KVBM_CPU_CACHE_GB=16 timeout 330 "${bench[@]}" "${small[@]}" --profile cpu --out "$out" 2>&1 | tee "$out/bench-cpu-small.log" ;;
-    bench-cpu-disk) DYN_KVBM_CPU_CACHE_GB=32 DYN_KVBM_DISK_CACHE_GB=40 DYN_KVBM_DISK_CACHE_DIR=/tmp timeout 200 "${bench[@]}" "${long[@]}" --profile cpu_disk --out "$out" 2>&1 | tee "$out/bench-cpu-disk.log" ;;
+    bench-cpu-disk) DYN_KVBM_CPU_CACHE_GB=32 DYN_KVBM_DISK_CACHE_GB=40 DYN_KVBM_DISK_CACHE_DIR=/tmp timeout 240 "${bench[@]}" "${long[@]}" --profile cpu_disk --out "$out" 2>&1 | tee "$out/bench-cpu-disk.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
