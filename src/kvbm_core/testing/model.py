@@ -146,21 +146,25 @@ class ReferenceModel:
         piece in invariant mode, where one-row matmuls would take a different kernel)."""
         tokens: list[int] = []
         positions: list[int] = []
-        spans: list[_Span] = []
         tables: list[int] = []
+        layout: list[tuple[int, int, int]] = []  # per piece: first row, rows, end of its table entries
         for piece in group:
             n = len(piece.tokens)
             rows = 2 if self.invariant and n == 1 else n
-            first_row, first_entry = len(tokens), len(tables)
+            first_row = len(tokens)
             tokens += list(piece.tokens) * (rows // n)
             positions += list(range(piece.start, piece.start + n)) * (rows // n)
             tables += piece.block_table
-            spans.append(_Span(piece, first_row, rows, n, piece.start + n, first_entry, len(tables)))
+            layout.append((first_row, rows, len(tables)))
         dev = self.device
         token_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         all_tables = torch.tensor(tables, dtype=torch.long, device=dev)
-        for span in spans:
-            span.table = all_tables[span.table_from : span.table_to]
+        table_ends = [end for _, _, end in layout]
+        table_starts = [0, *table_ends[:-1]]
+        spans = [
+            _Span(piece, row, rows, len(piece.tokens), piece.start + len(piece.tokens), all_tables[start:end])
+            for piece, (row, rows, end), start in zip(group, layout, table_starts, strict=True)
+        ]
         return _GroupState(spans, torch.tensor(positions, dtype=torch.long, device=dev), self.embed[token_ids])
 
     def _layer(self, layer: _Layer, index: int, st: _GroupState, pools: KvPools) -> torch.Tensor:
@@ -180,7 +184,8 @@ class ReferenceModel:
         for span in st.spans:
             real = slice(span.row, span.row + span.num_real)
             pools.write(index, span.table, st.positions[real], k[real], v[real])
-            outputs.append(self._attend(q[span.row : span.row + span.rows], pools, index, span, st.positions))
+            own = slice(span.row, span.row + span.rows)
+            outputs.append(self._attend(q[own], st.positions[own], pools, index, span))
         attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         h = st.h + attn @ layer.wo
         x = self._norm(h, layer.mlp_norm)
@@ -188,7 +193,7 @@ class ReferenceModel:
         return h + (F.silu(gate) * up) @ layer.wdown
 
     def _attend(
-        self, q: torch.Tensor, pools: KvPools, layer: int, span: _Span, positions: torch.Tensor
+        self, q: torch.Tensor, query_positions: torch.Tensor, pools: KvPools, layer: int, span: _Span
     ) -> torch.Tensor:
         s = self.shape
         rows, hq, d = q.shape
@@ -200,8 +205,7 @@ class ReferenceModel:
             qg = q.permute(1, 0, 2).reshape(hkv, group * rows, d)  # q heads sharing a KV head
             scores = torch.bmm(qg.float(), keys.float().transpose(1, 2)) * scale
             key_pos = torch.arange(self.max_seq_len, device=q.device)
-            query_pos = positions[span.row : span.row + rows]
-            masked = (key_pos[None, :] > query_pos[:, None]).repeat(group, 1)
+            masked = (key_pos[None, :] > query_positions[:, None]).repeat(group, 1)
             scores.masked_fill_(masked, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             out = torch.bmm(probs, values.float()).to(q.dtype)  # [hkv, group*rows, d]
@@ -242,19 +246,17 @@ class ReferenceModel:
 
 
 class _Span:
-    """Where one piece's rows and block table lie inside its group."""
+    """Where one piece's rows lie inside its group, and its block table."""
 
-    __slots__ = ("end", "num_real", "piece", "row", "rows", "table", "table_from", "table_to")
+    __slots__ = ("end", "num_real", "piece", "row", "rows", "table")
 
-    def __init__(self, piece: Piece, row: int, rows: int, num_real: int, end: int, table_from: int, table_to: int):
+    def __init__(self, piece: Piece, row: int, rows: int, num_real: int, end: int, table: torch.Tensor):
         self.piece = piece
         self.row = row
         self.rows = rows
         self.num_real = num_real  # rows beyond num_real repeat the last one (invariant mode)
         self.end = end  # the sequence length once this piece is written
-        self.table_from = table_from
-        self.table_to = table_to
-        self.table: torch.Tensor | None = None
+        self.table = table
 
 
 class _GroupState:
