@@ -59,9 +59,9 @@ def test_disk_only_profile_offloads_device_to_disk(kvbm_run):
         {"enable_chunked_prefill": True, "max_num_tokens": 48},
         {"overlap_scheduler": True},
         {"cuda_graphs": True},
-        {"era": "main", "overlap_scheduler": True, "tp_size": 2},
+        {"trtllm": "1.3", "overlap_scheduler": True, "tp_size": 2},
     ],
-    ids=["tp2", "chunked-prefill", "overlap", "cuda-graph-like", "main-era-overlap-tp2"],
+    ids=["tp2", "chunked-prefill", "overlap", "cuda-graph-like", "1.3-overlap-tp2"],
 )
 @pytest.mark.parametrize("tiers", [CPU, CPU_DISK], ids=["cpu", "cpu_disk"])
 def test_engine_modes(kvbm_run, mode, tiers):

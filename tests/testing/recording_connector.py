@@ -66,7 +66,7 @@ class Meta:
 @dataclass
 class _Req:
     prompt_len: int
-    salt: str | None
+    salt: int | None  # the request's cache_salt_id
     alloc_blocks: list[int] = field(default_factory=list)  # from update_state_after_alloc
     tokens: list[int] = field(default_factory=list)  # as reported in scheduler outputs
     blocks: list[int] = field(default_factory=list)
@@ -108,7 +108,7 @@ class RecordingScheduler(KvCacheConnectorScheduler):
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         self.shared.record("get_num_new_matched_tokens", None, request.request_id, num_computed_tokens)
         opts = self.shared.options
-        st = self.reqs[request.request_id] = _Req(request.prompt_len, request.cache_salt)
+        st = self.reqs[request.request_id] = _Req(request.prompt_len, request.cache_salt_id)
         if opts.match is not None:
             answer = opts.match(request, num_computed_tokens)  # returned as is, even when malformed
             if isinstance(answer, tuple) and len(answer) == 2 and answer[1] is False:
@@ -130,7 +130,7 @@ class RecordingScheduler(KvCacheConnectorScheduler):
         self.shared.record(
             "update_state_after_alloc", None, request.request_id, block_ids, request.context_current_position
         )
-        st = self.reqs.setdefault(request.request_id, _Req(request.prompt_len, request.cache_salt))
+        st = self.reqs.setdefault(request.request_id, _Req(request.prompt_len, request.cache_salt_id))
         st.alloc_blocks = list(block_ids)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> Meta:

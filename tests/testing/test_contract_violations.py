@@ -1,4 +1,5 @@
-"""A connector that breaks TRT-LLM's contract fails loudly, naming the method at fault."""
+"""A connector that breaks TRT-LLM's contract: strict mode names the method at fault; the faithful
+default fails where TRT-LLM itself would."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from kvbm_core.testing import ContractViolation, ExecutorConfig, ReferenceExecut
 
 from .recording_connector import Options, make_connector
 
-CFG = ExecutorConfig(tokens_per_block=16, num_blocks=32, max_seq_len=128)
+CFG = ExecutorConfig(tokens_per_block=16, num_blocks=32, max_seq_len=128, strict=True)
+FAITHFUL = ExecutorConfig(tokens_per_block=16, num_blocks=32, max_seq_len=128)
 SPEC = RequestSpec(list(range(40)), 3)
 
 
@@ -28,7 +30,7 @@ def _run(
 
 def test_async_load_of_nothing_is_a_runtime_error() -> None:
     with pytest.raises(RuntimeError, match="load_kv_async must be False when num_tokens is 0!"):
-        _run(Options(match=lambda request, n: (0, True)))
+        _run(Options(match=lambda request, n: (0, True)), cfg=FAITHFUL)
 
 
 def test_promising_the_whole_prompt_is_rejected() -> None:
@@ -62,6 +64,8 @@ class _RepeatsIds:
 def test_get_finished_may_only_return_ids_handed_in() -> None:
     with pytest.raises(ContractViolation, match="rank 0 returned 999 in finished_saving, which was not handed in"):
         _run(Options(), worker_base=_UnknownIds)
+    with pytest.raises(KeyError, match="999"):  # what TRT-LLM's manager does with it
+        _run(Options(), worker_base=_UnknownIds, cfg=FAITHFUL)
 
 
 def test_get_finished_returns_an_id_once() -> None:
@@ -114,8 +118,16 @@ def test_request_finished_must_answer_with_a_bool() -> None:
         _run(Options(), scheduler_base=_FinishedReturnsNone)
 
 
-def test_a_save_that_is_never_reported_times_out() -> None:
+def test_a_save_that_is_never_reported_stays_pinned_when_the_engine_goes_idle() -> None:
     options = Options(match=lambda request, n: (0, False), async_save=True, finish_delay=10**6)
+    scheduler, worker, _ = make_connector(options)
+    result = ReferenceExecutor(FAITHFUL, connector=(scheduler, worker)).run([SPEC])
+    assert result.pending_saves == (result.requests[0].request_id,)
+    assert result.pinned_blocks == 3  # 40 + 3 tokens in blocks of 16
+
+
+def test_a_load_that_is_never_reported_times_out() -> None:
+    options = Options(async_load=True, finish_delay=10**6, match=lambda request, n: (16, True))
     cfg = ExecutorConfig(tokens_per_block=16, num_blocks=32, max_seq_len=128, idle_timeout_s=0.2)
-    with pytest.raises(ContractViolation, match=r"no progress for 0.2s; not reported by every rank: saves \[1\]"):
+    with pytest.raises(ContractViolation, match=r"no progress for 0.2s; not reported by every rank: saves \[\], loads \[1\]"):
         _run(options, cfg=cfg)

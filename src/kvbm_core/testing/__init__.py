@@ -24,7 +24,7 @@ baseline and compare::
 """
 
 from kvbm_core.testing.connector_manager import CallCounts
-from kvbm_core.testing.errors import ContractViolation, OracleMismatch
+from kvbm_core.testing.errors import ContractViolation, ExecutorStopped, OracleMismatch
 from kvbm_core.testing.executor import ExecutorConfig, ReferenceExecutor
 from kvbm_core.testing.kv_manager import KvCacheManager
 from kvbm_core.testing.llm_args import Mapping, TorchLlmArgs
@@ -34,6 +34,7 @@ from kvbm_core.testing.request import (
     KvCacheRetentionConfig,
     LlmRequest,
     LlmRequestState,
+    LlmRequestV13,
     RequestSpec,
     TokenRangeRetentionConfig,
 )
@@ -45,11 +46,13 @@ __all__ = [
     "CallCounts",
     "ContractViolation",
     "ExecutorConfig",
+    "ExecutorStopped",
     "KvCacheManager",
     "KvCacheRetentionConfig",
     "KvPools",
     "LlmRequest",
     "LlmRequestState",
+    "LlmRequestV13",
     "Mapping",
     "ModelShape",
     "OracleMismatch",

@@ -1,18 +1,29 @@
 """Drives one connector the way TRT-LLM's ``KvCacheConnectorManager`` does, over simulated TP ranks.
 
-It owns every call into the connector and the state TRT-LLM keeps around those calls:
+It owns every call into the connector and the state TRT-LLM keeps around those calls, per rank as
+each MPI rank keeps its own manager:
 
 - construction: per rank a 2-thread pool builds the worker (and, on rank 0, the scheduler)
   concurrently, all ranks at once; each gets its rank's ``llm_args`` (:func:`rank_view`);
-- the ``SchedulerOutput`` deltas: per request, the block ids and tokens already reported; the
-  connector-promised tokens subtracted from the first ``computed_position`` of a synchronous load;
-  asynchronously loading requests left out until their load completes;
+- ``get_num_new_matched_tokens`` receives the C++ binding of the request
+  (:class:`~kvbm_core.testing.request.BindingRequest`) and refuses generation-only requests; the
+  other scheduler calls receive the Python request;
+- the ``SchedulerOutput``: per request id, the block ids (``get_cache_indices``) and tokens already
+  reported are kept for the life of the manager (as TRT-LLM keeps them), deltas are what is new;
+  ``computed_position`` and ``num_scheduled_tokens`` follow the request's state; the tokens promised
+  by ``get_num_new_matched_tokens`` are subtracted from the first report's ``computed_position``;
+  requests whose load is asynchronous are left out until it completes;
 - metadata: built on the leader, pickled once and unpickled for every rank (the MPI broadcast);
-- async requests: ids handed to ``get_finished`` exactly once, then remembered per rank until that
-  rank returns them; an id is acted on once every rank has returned it.
+- async requests (``get_finished``): ids handed in exactly once; each rank's returned ids move from
+  its pending to its locally finished set (an id it was never handed is a ``KeyError``, as in
+  TRT-LLM); only ids every rank returned are acted on.
 
-It checks what a connector controls and raises :class:`ContractViolation` when it breaks the
-contract. Ranks are driven one after another in rank order within each step.
+The 1.3 line builds :class:`~kvbm_core.testing.api_v13.RequestDataV13` (block hashes, priorities,
+cache salt) and counts draft tokens in ``num_scheduled_tokens``.
+
+TRT-LLM checks nothing else a connector returns. ``strict=True`` adds checks that name the method
+a connector broke (:class:`ContractViolation`), for connector authors; the faithful default lets a
+wrong return value fail as it would in TRT-LLM.
 """
 
 from __future__ import annotations
@@ -23,15 +34,19 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from kvbm_core.errors import KvbmLoadError
+from kvbm_core.testing.api_v13 import RequestDataV13, SchedulerOutputV13
 from kvbm_core.testing.errors import ContractViolation
 from kvbm_core.testing.llm_args import TorchLlmArgs, rank_view
-from kvbm_core.testing.request import LlmRequest, LlmRequestState
+from kvbm_core.testing.request import BindingRequest, LlmRequest, LlmRequestState
 from kvbm_core.trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker, RequestData, SchedulerOutput
 
 Stream = Any  # torch.cuda.Stream on a GPU, torch.cpu.Stream on CPU
+TrtllmLine = Literal["1.2", "1.3"]
+BlockHashes = Callable[[LlmRequest], list[int]]  # the KV manager's full-block hash chain of a request
+
+_CONTEXT_STATES = (LlmRequestState.CONTEXT_INIT, LlmRequestState.DISAGG_GENERATION_TRANS_IN_PROGRESS)
 
 
 @dataclass(frozen=True)
@@ -45,29 +60,55 @@ class CallCounts:
         return self.workers[rank].get(method, 0)
 
 
-@dataclass
 class _Reported:
-    blocks: int = 0
-    tokens: int = 0
+    """Block ids and tokens of one request already in a scheduler output (kept for the manager's life)."""
 
-
-class _RankAsync:
-    """Ids one rank's worker has been handed and not returned, and ids it returned that others have not."""
+    __slots__ = ("block_ids", "tokens")
 
     def __init__(self) -> None:
-        self.pending_saving: set[int] = set()
-        self.pending_loading: set[int] = set()
-        self.done_saving: set[int] = set()
-        self.done_loading: set[int] = set()
+        self.block_ids = 0
+        self.tokens = 0
+
+
+class _AsyncRequests:
+    """TRT-LLM's ``AsyncRequests``: requests saving or loading asynchronously, by id."""
+
+    def __init__(self) -> None:
+        self.saving: dict[int, LlmRequest] = {}
+        self.loading: dict[int, LlmRequest] = {}
+
+    def add_from(self, other: _AsyncRequests) -> None:
+        self.saving.update(other.saving)
+        self.loading.update(other.loading)
+        other.saving, other.loading = {}, {}
+
+    def extract_by_id(self, saving_ids: Sequence[int], loading_ids: Sequence[int]) -> _AsyncRequests:
+        out = _AsyncRequests()
+        for rid in saving_ids:
+            out.saving[rid] = self.saving.pop(rid)  # an id never handed in: KeyError, as in TRT-LLM
+        for rid in loading_ids:
+            out.loading[rid] = self.loading.pop(rid)
+        return out
+
+
+class _RankState:
+    """One rank's manager state between ``get_finished`` calls."""
+
+    def __init__(self) -> None:
+        self.pending = _AsyncRequests()  # handed to get_finished, not yet returned by this rank
+        self.local_finished = _AsyncRequests()  # returned by this rank, not yet by every rank
 
 
 class ConnectorManager:
-    def __init__(self, scheduler_cls: type, worker_cls: type, llm_args: TorchLlmArgs, era: str):
+    def __init__(self, scheduler_cls: type, worker_cls: type, llm_args: TorchLlmArgs, line: TrtllmLine,
+                 *, strict: bool = False, block_hashes: BlockHashes | None = None):
         self.llm_args = llm_args
-        self.era = era
+        self.line = line
+        self.strict = strict
         self.tp_size = llm_args.tensor_parallel_size
         self.tokens_per_block = llm_args.kv_cache_config.tokens_per_block
         self.rank_args = [rank_view(llm_args, r) for r in range(self.tp_size)]
+        self._block_hashes = block_hashes
         self._scheduler_calls: Counter[str] = Counter()
         self._worker_calls: list[Counter[str]] = [Counter() for _ in range(self.tp_size)]
         self.scheduler, self.workers = self._construct(scheduler_cls, worker_cls)
@@ -75,19 +116,18 @@ class ConnectorManager:
         for rank, worker in enumerate(self.workers):
             self._worker_calls[rank]["register_forward_pass_callable"] += 1
             fn = worker.register_forward_pass_callable()
-            if fn is not None and not callable(fn):
+            if strict and fn is not None and not callable(fn):
                 raise ContractViolation(
                     "register_forward_pass_callable",
                     f"rank {rank} returned {type(fn).__name__}, not a callable or None",
                 )
-            self.forward_pass_callables.append(fn)
+            self.forward_pass_callables.append(fn or None)
         self._reported: dict[int, _Reported] = {}
         self._external_loads: dict[int, int] = {}
-        self._scheduler_output: SchedulerOutput | None = None
-        self._new_saving: list[int] = []
-        self._new_loading: list[int] = []
-        self._failed_loads: set[int] = set()
-        self._ranks = [_RankAsync() for _ in range(self.tp_size)]
+        self._scheduler_output: Any = None
+        self.new_async = _AsyncRequests()  # not yet handed to get_finished
+        self.finished_async_loading: dict[int, LlmRequest] = {}
+        self._ranks = [_RankState() for _ in range(self.tp_size)]
 
     # -- construction -------------------------------------------------------------------------
 
@@ -103,6 +143,11 @@ class ConnectorManager:
         finally:
             for pool in pools:
                 pool.shutdown(wait=True)
+        if self.strict:
+            self._check_classes(scheduler_cls, worker_cls, scheduler, workers)
+        return scheduler, workers
+
+    def _check_classes(self, scheduler_cls: type, worker_cls: type, scheduler: Any, workers: list[Any]) -> None:
         if not isinstance(scheduler, KvCacheConnectorScheduler):
             raise ContractViolation(
                 "scheduler class", f"{scheduler_cls.__qualname__} does not subclass KvCacheConnectorScheduler"
@@ -118,7 +163,6 @@ class ConnectorManager:
                 raise ContractViolation(
                     "KvCacheConnectorWorker.__init__", f"rank {rank} did not call super().__init__(llm_args)"
                 )
-        return scheduler, workers
 
     def register_kv_caches(self, tensors: Sequence[Any]) -> None:
         for rank, (worker, tensor) in enumerate(zip(self.workers, tensors, strict=True)):
@@ -126,7 +170,7 @@ class ConnectorManager:
             worker.register_kv_caches(tensor)
 
     def wait_for_initialization(self) -> None:
-        """[main] called after registration when the scheduler defines it."""
+        """1.3: called after registration when the scheduler defines it."""
         hook = getattr(self.scheduler, "wait_for_initialization", None)
         if hook is not None:
             self._scheduler_calls["wait_for_initialization"] += 1
@@ -138,28 +182,27 @@ class ConnectorManager:
     # -- allocation time ----------------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: LlmRequest, num_computed_tokens: int) -> int:
-        if request.is_generation_only_request:
+        """Called from C++ ``addSequence``: the connector sees the binding, not the Python request."""
+        binding = BindingRequest(request)
+        if binding.is_generation_only_request:
             raise RuntimeError("Connector API is not supported for generation-only requests!")
         self._scheduler_calls["get_num_new_matched_tokens"] += 1
-        result = self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
-        call = "get_num_new_matched_tokens"
-        if not isinstance(result, (tuple, list)) or len(result) != 2:
-            raise ContractViolation(call, f"must return (num_tokens, load_async), got {result!r}")
-        num_tokens, load_async = self._broadcast(call, tuple(result))
-        num_tokens = _as_int(num_tokens)
-        if num_tokens is None or num_tokens < 0:
-            raise ContractViolation(call, f"num_tokens must be an int >= 0, got {result[0]!r}")
-        if not isinstance(load_async, bool):
-            raise ContractViolation(call, f"load_async must be a bool, got {load_async!r}")
+        result = self.scheduler.get_num_new_matched_tokens(binding, num_computed_tokens)
+        if self.strict:
+            _check_match(result)
+        num_tokens, load_async = self._broadcast(result)
         if num_tokens == 0 and load_async:
-            raise ContractViolation(call, "load_kv_async must be False when num_tokens is 0!")
+            raise RuntimeError("load_kv_async must be False when num_tokens is 0!")
         if load_async:
-            self._new_loading.append(request.request_id)
+            self.new_async.loading[request.request_id] = request
         self._external_loads[request.request_id] = num_tokens
         return num_tokens
 
+    def should_add_sequence(self, request: LlmRequest) -> bool:
+        return request.request_id not in self.finished_async_loading
+
     def is_loading_async(self, request_id: int) -> bool:
-        return request_id in self._new_loading
+        return request_id in self.new_async.loading
 
     def update_state_after_alloc(self, request: LlmRequest, block_ids: list[int]) -> None:
         self._scheduler_calls["update_state_after_alloc"] += 1
@@ -167,68 +210,71 @@ class ConnectorManager:
 
     # -- one scheduled iteration --------------------------------------------------------------
 
-    def build_scheduler_output(
-        self, context: Sequence[tuple[LlmRequest, list[int]]], generation: Sequence[tuple[LlmRequest, list[int]]]
-    ) -> None:
-        out = SchedulerOutput()
-        for request, block_ids in context:
+    def build_scheduler_output(self, context: Sequence[LlmRequest], generation: Sequence[LlmRequest],
+                               cache_indices: Callable[[LlmRequest], list[int]]) -> None:
+        """At the end of ``prepare_resources``: one ``RequestData`` per scheduled request."""
+        out = SchedulerOutputV13() if self.line == "1.3" else SchedulerOutput()
+        for request in context:
             rid = request.request_id
-            if rid in self._new_loading:
+            if rid in self.new_async.loading:
                 continue
             is_new = rid not in self._reported
-            data = self._request_data(request, block_ids, is_context=True)
+            data = self._request_data(request, cache_indices(request))
             if rid in self._external_loads:
                 data.computed_position -= self._external_loads[rid]
             (out.new_requests if is_new else out.cached_requests).append(data)
-        for request, block_ids in generation:
-            out.cached_requests.append(self._request_data(request, block_ids, is_context=False))
-        self._external_loads.clear()
+        for request in generation:
+            out.cached_requests.append(self._request_data(request, cache_indices(request)))
+        self._external_loads = {}
         self._scheduler_output = out
 
-    def _request_data(self, request: LlmRequest, block_ids: list[int], is_context: bool) -> RequestData:
-        rep = self._reported.setdefault(request.request_id, _Reported())
+    def _request_data(self, request: LlmRequest, block_ids: list[int]) -> Any:
+        reported = self._reported.setdefault(request.request_id, _Reported())
         tokens = request.get_tokens(0)
-        first_block = rep.blocks
-        new_block_ids = list(block_ids[rep.blocks :])
-        new_tokens = tokens[rep.tokens :]
-        rep.blocks, rep.tokens = len(block_ids), len(tokens)
-        if is_context:
+        first_new_block = reported.block_ids
+        new_block_ids = list(block_ids[reported.block_ids :])
+        new_tokens = tokens[reported.tokens :]
+        reported.block_ids, reported.tokens = len(block_ids), len(tokens)
+        if request.state in _CONTEXT_STATES:
             computed = request.context_current_position
             scheduled = min(request.context_remaining_length, request.context_chunk_size)
         else:
             computed = len(tokens) - 1
             scheduled = 1
-        data = RequestData(request.request_id, new_tokens, new_block_ids, computed, scheduled)
-        if self.era == "main":
-            tpb = self.tokens_per_block
-            data.priorities = [request.block_priority(first_block + i, tpb) for i in range(len(new_block_ids))]
-            data.cache_salt = request.cache_salt
-        return data
+        if self.line == "1.2":
+            return RequestData(request.request_id, new_tokens, new_block_ids, computed, scheduled)
+        tpb = self.tokens_per_block
+        priorities = None
+        if request.kv_cache_retention_config is not None:
+            priorities = [request.block_priority(first_new_block + i, tpb) for i in range(len(new_block_ids))]
+        return RequestDataV13(
+            request.request_id, new_tokens, new_block_ids, computed, scheduled,
+            block_hashes=self._block_hashes(request) if self._block_hashes is not None else [],
+            priorities=priorities,
+            cache_salt=getattr(request, "cache_salt", None),
+        )
 
-    def take_scheduled_requests_pending_load(self, context: Sequence[LlmRequest]) -> set[int]:
-        """Park the requests whose load is asynchronous; their ids."""
-        parked = {r.request_id for r in context if r.request_id in self._new_loading}
+    def take_scheduled_requests_pending_load(self, context: Sequence[LlmRequest]) -> list[LlmRequest]:
+        """Park the requests whose load is asynchronous; returns the context requests that stay."""
+        allowed = []
         for request in context:
-            if request.request_id in parked:
+            if request.request_id in self.new_async.loading:
                 request.state = LlmRequestState.DISAGG_GENERATION_TRANS_IN_PROGRESS
-        return parked
+                self.new_async.loading[request.request_id] = request
+            else:
+                allowed.append(request)
+        return allowed
 
     def handle_metadata(self) -> None:
         self._scheduler_calls["build_connector_meta"] += 1
         metadata = self.scheduler.build_connector_meta(self._scheduler_output)
         self._scheduler_output = None
-        try:
-            blob = pickle.dumps(metadata)
-        except Exception as exc:
-            raise ContractViolation(
-                "build_connector_meta",
-                f"metadata of type {type(metadata).__name__} is not picklable (TRT-LLM broadcasts it): {exc}",
-            ) from exc
+        blob = self._pickled("build_connector_meta", metadata)
         for rank, worker in enumerate(self.workers):
             copy = pickle.loads(blob)
             self._worker_calls[rank]["bind_connector_meta"] += 1
             worker.bind_connector_meta(copy)
-            if worker._metadata is not copy:
+            if self.strict and worker._metadata is not copy:
                 raise ContractViolation(
                     "bind_connector_meta", f"rank {rank}'s override did not call super().bind_connector_meta"
                 )
@@ -261,92 +307,96 @@ class ConnectorManager:
 
     def request_finished(self, request: LlmRequest, block_ids: list[int]) -> bool:
         """The leader's answer: True when saving continues asynchronously."""
+        self.finished_async_loading.pop(request.request_id, None)
         self._scheduler_calls["request_finished"] += 1
         result = self.scheduler.request_finished(request, list(block_ids))
-        if not isinstance(result, bool):
+        if self.strict and not isinstance(result, bool):
             raise ContractViolation("request_finished", f"must return a bool, got {result!r}")
-        saving_async = self._broadcast("request_finished", result)
-        self._reported.pop(request.request_id, None)
+        saving_async = bool(self._broadcast(result))
         if saving_async:
-            self._new_saving.append(request.request_id)
+            self.new_async.saving[request.request_id] = request
             request.state = LlmRequestState.DISAGG_CONTEXT_TRANS_IN_PROGRESS
         return saving_async
 
-    def get_finished(self) -> tuple[list[int], list[int], dict[int, str]]:
-        """One poll of every rank: the (saved, loaded) ids that every rank has now reported, and the
-        requests whose asynchronous load a rank reported as failed (id -> message).
+    def get_finished(self) -> list[LlmRequest]:
+        """One poll of every rank; returns the requests whose save every rank has now reported.
 
-        A worker reports failed loads by raising :class:`~kvbm_core.errors.KvbmLoadError`, which names
-        the requests. TRT-LLM 1.2 has no per-request path for that: the exception reaches its
-        executor loop, which ends every active request with the error. The reference executor ends
-        only the named requests (what an engine with a load-failure API does) and keeps serving.
+        Requests whose load every rank reported go back to ``CONTEXT_INIT`` to be scheduled again.
         """
-        saving, loading = self._new_saving, self._new_loading
-        self._new_saving, self._new_loading = [], []
-        failed: dict[int, str] = {}
-        for rank, (worker, state) in enumerate(zip(self.workers, self._ranks, strict=False)):
-            state.pending_saving.update(saving)
-            state.pending_loading.update(loading)
+        started_loading = list(self.new_async.loading)
+        finished_gen = list(self.new_async.saving)
+        handed = self.new_async
+        self.new_async = _AsyncRequests()
+        gathered: list[tuple[set[int], set[int]]] = []
+        for rank, (worker, state) in enumerate(zip(self.workers, self._ranks, strict=True)):
+            state.pending.saving.update(handed.saving)
+            state.pending.loading.update(handed.loading)
             self._worker_calls[rank]["get_finished"] += 1
-            try:
-                result = worker.get_finished(list(saving), list(loading))
-            except KvbmLoadError as exc:
-                failed.update((int(rid), str(exc)) for rid in exc.request_ids)
-                continue
-            saved, loaded = self._check_finished(rank, result)
-            loaded = [rid for rid in loaded if rid not in self._failed_loads]  # other ranks catch up later
-            for ids, pending, done, kind in (
-                (saved, state.pending_saving, state.done_saving, "finished_saving"),
-                (loaded, state.pending_loading, state.done_loading, "finished_loading"),
-            ):
-                for rid in ids:
-                    if rid not in pending:
-                        raise ContractViolation(
-                            "get_finished",
-                            f"rank {rank} returned {rid} in {kind}, which was not handed in or was already returned",
-                        )
-                    pending.discard(rid)
-                    done.add(rid)
-        self._failed_loads.update(failed)
+            result = worker.get_finished(list(finished_gen), list(started_loading))
+            if self.strict:
+                _check_finished(rank, result, state)
+            saved, loaded = result
+            state.local_finished.add_from(state.pending.extract_by_id(saved, loaded))
+            gathered.append((set(state.local_finished.saving), set(state.local_finished.loading)))
+        all_saved = set.intersection(*(g[0] for g in gathered))
+        all_loaded = set.intersection(*(g[1] for g in gathered))
+        done = _AsyncRequests()
         for state in self._ranks:
-            state.pending_loading.difference_update(failed)
-            state.done_loading.difference_update(failed)
-        all_saved = set.intersection(*(s.done_saving for s in self._ranks))
-        all_loaded = set.intersection(*(s.done_loading for s in self._ranks))
-        for state in self._ranks:
-            state.done_saving -= all_saved
-            state.done_loading -= all_loaded
-        return sorted(all_saved), sorted(all_loaded), failed
+            done = state.local_finished.extract_by_id(sorted(all_saved), sorted(all_loaded))
+        for rid, request in done.loading.items():
+            request.state = LlmRequestState.CONTEXT_INIT
+            self.finished_async_loading[rid] = request
+        return list(done.saving.values())
 
     def outstanding(self) -> tuple[set[int], set[int]]:
         """Ids handed to (or awaiting) get_finished that not every rank has returned yet."""
-        saving = set(self._new_saving).union(*(s.pending_saving | s.done_saving for s in self._ranks))
-        loading = set(self._new_loading).union(*(s.pending_loading | s.done_loading for s in self._ranks))
+        saving = set(self.new_async.saving).union(*(set(s.pending.saving) | set(s.local_finished.saving)
+                                                     for s in self._ranks))
+        loading = set(self.new_async.loading).union(*(set(s.pending.loading) | set(s.local_finished.loading)
+                                                      for s in self._ranks))
         return saving, loading
 
-    @staticmethod
-    def _check_finished(rank: int, result: Any) -> tuple[list[int], list[int]]:
-        if not isinstance(result, (tuple, list)) or len(result) != 2:
-            raise ContractViolation(
-                "get_finished", f"rank {rank} must return (finished_saving, finished_loading), got {result!r}"
-            )
-        out = []
-        for given in result:
-            ids = [_as_int(i) for i in given]
-            if None in ids or len(set(ids)) != len(ids):
-                raise ContractViolation(
-                    "get_finished", f"rank {rank} returned {given!r}: expected distinct request ids"
-                )
-            out.append(ids)
-        return out[0], out[1]
-
-    @staticmethod
-    def _broadcast(call: str, value: Any) -> Any:
+    def _broadcast(self, value: Any) -> Any:
         """What the other ranks receive from the leader's MPI broadcast."""
+        return pickle.loads(self._pickled("broadcast", value))
+
+    def _pickled(self, call: str, value: Any) -> bytes:
         try:
-            return pickle.loads(pickle.dumps(value))
+            return pickle.dumps(value)
         except Exception as exc:
-            raise ContractViolation(call, f"result {value!r} is not picklable: {exc}") from exc
+            if self.strict:
+                raise ContractViolation(call, f"metadata of type {type(value).__name__} is not picklable "
+                                              f"(TRT-LLM broadcasts it): {exc}") from exc
+            raise
+
+
+def _check_match(result: Any) -> None:
+    call = "get_num_new_matched_tokens"
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise ContractViolation(call, f"must return (num_tokens, load_async), got {result!r}")
+    num_tokens = _as_int(result[0])
+    if num_tokens is None or num_tokens < 0:
+        raise ContractViolation(call, f"num_tokens must be an int >= 0, got {result[0]!r}")
+    if not isinstance(result[1], bool):
+        raise ContractViolation(call, f"load_async must be a bool, got {result[1]!r}")
+
+
+def _check_finished(rank: int, result: Any, state: _RankState) -> None:
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise ContractViolation(
+            "get_finished", f"rank {rank} must return (finished_saving, finished_loading), got {result!r}"
+        )
+    for given, pending, kind in ((result[0], state.pending.saving, "finished_saving"),
+                                 (result[1], state.pending.loading, "finished_loading")):
+        ids = [_as_int(i) for i in given]
+        if None in ids or len(set(ids)) != len(ids):
+            raise ContractViolation("get_finished", f"rank {rank} returned {given!r}: expected distinct request ids")
+        for rid in ids:
+            if rid not in pending:
+                raise ContractViolation(
+                    "get_finished", f"rank {rank} returned {rid} in {kind}, which was not handed in or was already "
+                                    "returned"
+                )
 
 
 def _as_int(value: Any) -> int | None:

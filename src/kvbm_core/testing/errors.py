@@ -17,6 +17,14 @@ class ContractViolation(RuntimeError):
         super().__init__(f"{call}: {message}")
 
 
+class ExecutorStopped(RuntimeError):
+    """The executor loop ended the way TensorRT-LLM's does after a connector error it cannot contain.
+
+    With the overlap scheduler, an exception inside the forward pass fails every active request and
+    then TensorRT-LLM's ``assert sample_state is not None`` ends its executor thread.
+    """
+
+
 class OracleMismatch(AssertionError):
     """KV a request reused or onboarded differs from what recomputing its prefix produces."""
 

@@ -1,24 +1,41 @@
 """The reference executor: TensorRT-LLM's PyExecutor loop, V1 KV manager and a real decoder, on CPU or GPU.
 
-It drives any connector given as ``(scheduler class, worker class)``, or none (the baseline), in
-TRT-LLM 1.2's call order. Construction: both classes built concurrently per rank, forward-pass
-callables registered, model warmup (the callables run; no other connector call), then
-``register_kv_caches`` once per rank. Each loop iteration:
+It drives any connector given as ``(scheduler class, worker class)``, or none (the baseline), in the
+call order of TensorRT-LLM's 1.2 or 1.3 line (``ExecutorConfig.trtllm``). Construction: both
+classes built concurrently per rank, forward-pass callables registered, model warmup (the callables
+run; no other connector call), then ``register_kv_caches`` once per rank (1.3: then the scheduler's
+``wait_for_initialization``). Each loop iteration:
 
 1. admit arrived requests; schedule (GUARANTEED_NO_EVICT capacity, ``max_batch_size``,
    ``max_num_tokens``, chunked prefill): decode steps first, then context chunks, first come first
    served;
 2. ``prepare_resources``: ``add_sequence`` for first chunks (device prefix match, then
-   ``get_num_new_matched_tokens``, prepopulated length, then ``update_state_after_alloc``),
-   ``add_token`` for decode steps, then the ``SchedulerOutput``;
+   ``get_num_new_matched_tokens`` with the request's C++ binding, prepopulated length, then
+   ``update_state_after_alloc``), ``add_token`` for decode steps, then the ``SchedulerOutput``
+   (built by :class:`~kvbm_core.testing.connector_manager.ConnectorManager` from
+   ``get_cache_indices`` and each request's state);
 3. park asynchronously loading requests, ``build_connector_meta`` -> ``bind_connector_meta`` on every
    rank, ``start_load_kv``;
 4. if anything is left: the forward pass (per layer ``wait_for_layer_load`` / ``save_kv_layer``
    unless it is a decode-only step in CUDA-graph mode), the forward-pass callables,
    ``wait_for_save``, sampling; then cancellations, ``request_finished`` for finished requests
    (``True`` pins their blocks), and the prompt blocks of finished prefills become reusable;
-5. ``get_finished`` on every rank, every iteration: saves reported by all ranks unpin their blocks,
-   loads reported by all ranks send their request back to be scheduled.
+5. ``get_finished`` on every rank: saves reported by all ranks unpin their blocks - on the 1.2 line
+   only the first of them per call (TensorRT-LLM 1.2 leaves the loop after one unpin; the others
+   stay pinned), on 1.3 all of them; loads reported by all ranks send their request back to be
+   scheduled.
+
+Failures propagate as in TensorRT-LLM: an exception raised by a connector inside the forward pass
+(layer hooks, forward-pass callable, ``wait_for_save``) fails every active request with its message
+(``_handle_errors``); with the overlap scheduler the executor then stops (TensorRT-LLM asserts that
+sampling ran), without it the loop goes on. An exception from any other connector call stops the
+executor (it leaves :meth:`ReferenceExecutor.run`).
+
+Idle: like TensorRT-LLM, the loop blocks on its request queue when no request is active or waiting,
+so ``get_finished`` is not polled while requests are only saving. :meth:`ReferenceExecutor.run`
+returns once every request has finished; saves still pending then show in
+:attr:`RunResult.pending_saves` and :attr:`RunResult.pinned_blocks` (they are polled again when the
+next run starts).
 
 Dynamic arrivals: ``run(specs, on_finish=f)`` calls ``f(index, result)`` as each request finishes
 (its last token appended, or cancelled) with its index in :attr:`RunResult.requests` and its
@@ -29,8 +46,8 @@ holds the answer just generated.
 
 With ``overlap_scheduler`` the results of iteration N (appended tokens, ``request_finished``,
 reusable prompt blocks) are handled in iteration N+1, after its forward pass, as in TRT-LLM's
-``_executor_loop_overlap``. In the "1.2" era a request is scheduled once more after its last
-token was sampled (N+1 forward passes for N tokens); in the "main" era it is not.
+``_executor_loop_overlap``. On the 1.2 line a request is scheduled once more after its last token
+was sampled (N+1 forward passes for N tokens); on 1.3 it is not.
 
 Simulated TP ranks share one model forward; rank ``r`` holds KV heads ``r*h .. (r+1)*h`` of every
 block in its own pool tensor. Streams passed to workers: ``torch.cuda.current_stream()`` on a GPU,
@@ -45,13 +62,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from kvbm_core.errors import ConfigError
-from kvbm_core.testing.connector_manager import CallCounts, ConnectorManager
-from kvbm_core.testing.errors import ContractViolation
+from kvbm_core.testing.connector_manager import CallCounts, ConnectorManager, TrtllmLine
+from kvbm_core.testing.errors import ContractViolation, ExecutorStopped, OracleMismatch
 from kvbm_core.testing.kv_manager import KvCacheManager
 from kvbm_core.testing.llm_args import (
     CudaGraphConfig,
@@ -63,12 +80,11 @@ from kvbm_core.testing.llm_args import (
 from kvbm_core.testing.model import Piece, ReferenceModel
 from kvbm_core.testing.oracle import KvOracle
 from kvbm_core.testing.pool import KvPools
-from kvbm_core.testing.request import LlmRequest, LlmRequestState, RequestSpec
+from kvbm_core.testing.request import LlmRequest, LlmRequestState, LlmRequestV13, RequestSpec, cache_salt_id
 from kvbm_core.testing.results import RequestResult, RunResult, StepRecord
 from kvbm_core.testing.run_state import ForwardResult, RequestTrack, RunState, RunTally, ScheduledItem
 from kvbm_core.testing.shapes import ModelShape, resolve_shape
 
-Era = Literal["1.2", "main"]
 _IDLE_SLEEP_S = 0.0005
 
 
@@ -91,22 +107,24 @@ class ExecutorConfig:
     max_seq_len: int = 1024
     enable_chunked_prefill: bool = False
     enable_block_reuse: bool = True
+    enable_partial_reuse: bool = False  # reported in llm_args only: the KV manager reuses whole blocks
     overlap_scheduler: bool = False
     cuda_graphs: bool = False  # decode-only steps run without per-layer hooks
     tp_size: int = 1
-    era: Era = "1.2"
+    trtllm: TrtllmLine = "1.2"  # which TensorRT-LLM line's executor and connector manager to follow
+    strict: bool = False  # also check what TRT-LLM does not (ContractViolation naming the method)
     oracle: bool = False  # compare reused/onboarded KV with recomputation, layer by layer
     oracle_tolerance: float = 0.0  # 0: bit-exact
     invariant: bool | None = None  # see ReferenceModel; None: on for CPU
     free_gpu_memory_fraction: float = 0.9  # reported in llm_args only
-    idle_timeout_s: float = 60.0  # no progress for this long while waiting on get_finished: fail
+    idle_timeout_s: float = 60.0  # the harness's bound: no progress for this long with a request parked
 
     def __post_init__(self) -> None:
         tpb = self.tokens_per_block
         if tpb <= 0 or tpb & (tpb - 1):
             raise ConfigError("tokens_per_block", f"must be a power of two, got {tpb}")
-        if self.era not in ("1.2", "main"):
-            raise ConfigError("era", f"got {self.era!r}", ("1.2", "main"))
+        if self.trtllm not in ("1.2", "1.3"):
+            raise ConfigError("trtllm", f"got {self.trtllm!r}", ("1.2", "1.3"))
         if self.tp_size < 1:
             raise ConfigError("tp_size", f"must be >= 1, got {self.tp_size}")
         if self.enable_chunked_prefill and self.max_num_tokens < tpb:
@@ -149,13 +167,15 @@ class ReferenceExecutor:
         self._oracle = KvOracle(model, cfg.tokens_per_block, cfg.oracle_tolerance) if cfg.oracle else None
         self.connector: ConnectorManager | None = None
         if connector is not None:
-            self.connector = ConnectorManager(connector[0], connector[1], self.llm_args, cfg.era)
+            self.connector = ConnectorManager(connector[0], connector[1], self.llm_args, cfg.trtllm,
+                                              strict=cfg.strict, block_hashes=self._block_hashes)
         self._warmup()
         if self.connector is not None:
             self.connector.register_kv_caches(self.pools.tensors)
-            if cfg.era == "main":
+            if cfg.trtllm == "1.3":
                 self.connector.wait_for_initialization()
         self._next_request_id = 1
+        self._in_transmission: dict[int, RequestTrack] = {}  # finished, blocks pinned for an async save
 
     @property
     def scheduler(self) -> Any:
@@ -179,6 +199,7 @@ class ReferenceExecutor:
             kv_cache_config=KvCacheConfig(
                 tokens_per_block=cfg.tokens_per_block,
                 enable_block_reuse=cfg.enable_block_reuse,
+                enable_partial_reuse=cfg.enable_partial_reuse,
                 free_gpu_memory_fraction=cfg.free_gpu_memory_fraction,
                 max_tokens=cfg.num_blocks * cfg.tokens_per_block,
             ),
@@ -219,7 +240,7 @@ class ReferenceExecutor:
         requests: Iterable[RequestSpec],
         on_finish: Callable[[int, RequestResult], Iterable[RequestSpec]] | None = None,
     ) -> RunResult:
-        """Serve ``requests`` until every one has finished and every asynchronous save is reported.
+        """Serve ``requests`` until every one has finished (see "Idle" in the module docstring).
 
         ``on_finish``: see "Dynamic arrivals" in the module docstring.
         """
@@ -241,6 +262,8 @@ class ReferenceExecutor:
             counters=run.tally.counters(stats_before, self.kv_manager.stats),
             calls=self.connector.calls() if self.connector is not None else None,
             wall_s=wall,
+            pending_saves=tuple(sorted(self._in_transmission)),
+            pinned_blocks=self.kv_manager.num_pinned_blocks,
         )
 
     def _track(self, index: int, spec: RequestSpec) -> RequestTrack:
@@ -257,14 +280,20 @@ class ReferenceExecutor:
         blocks_total = math.ceil((prompt_len + spec.max_new_tokens) / cfg.tokens_per_block)
         if blocks_total > cfg.num_blocks:
             raise ValueError(f"request {index} needs {blocks_total} blocks; the pool has {cfg.num_blocks}")
-        request = LlmRequest(
+        fields: dict[str, Any] = dict(
             request_id=self._next_request_id,
             prompt_len=prompt_len,
             max_new_tokens=spec.max_new_tokens,
-            cache_salt=spec.cache_salt,
+            cache_salt_id=None if spec.cache_salt is None else cache_salt_id(spec.cache_salt),
+            lora_task_id=spec.lora_task_id,
             kv_cache_retention_config=spec.retention,
+            generation_only=spec.generation_only,
             _tokens=list(spec.prompt),
         )
+        if cfg.trtllm == "1.3":
+            request: LlmRequest = LlmRequestV13(**fields, cache_salt=spec.cache_salt)
+        else:
+            request = LlmRequest(**fields)
         self._next_request_id += 1
         return RequestTrack(index, spec, request, blocks_total)
 
@@ -281,7 +310,7 @@ class ReferenceExecutor:
                 items = self._start_batch(items)
         forward = self._forward(run, items) if items else None
         finished = self._handle_results(run, forward)
-        polled = self._poll_finished(run) if self.connector is not None else False
+        polled = self._terminate_finished_transfers(run) if self.connector is not None else False
         run.tally.iterations += 1
         if forward is not None or finished or polled or admitted:
             run.last_progress = run.now()
@@ -373,7 +402,7 @@ class ReferenceExecutor:
         return items
 
     def _wants_decode(self, t: RequestTrack) -> bool:
-        if self.config.overlap_scheduler and self.config.era == "main":
+        if self.config.overlap_scheduler and self.config.trtllm == "1.3":
             return len(t.generated) + (t.pending is not None) < t.spec.max_new_tokens
         return True  # 1.2 overlap: one more step after the last token was sampled
 
@@ -387,17 +416,23 @@ class ReferenceExecutor:
         return budget // tpb * tpb
 
     def _prepare_resources(self, run: RunState, items: list[ScheduledItem]) -> None:
+        """``KVCacheManager.prepare_resources``: first chunks get blocks, decode steps a token, then
+        the connector's scheduler output."""
         for item in items:
-            if item.context and not item.track.allocated:
+            if item.context and not item.track.allocated and self._should_add_sequence(item.track):
                 self._add_sequence(run, item.track)
         for item in items:
             if not item.context:
                 self.kv_manager.add_token(item.track.rid)
         if self.connector is not None:
-            views = [(i.track.request, self.kv_manager.get_cache_indices(i.track.rid), i.context) for i in items]
             self.connector.build_scheduler_output(
-                [(r, ids) for r, ids, ctx in views if ctx], [(r, ids) for r, ids, ctx in views if not ctx]
+                [i.track.request for i in items if i.context],
+                [i.track.request for i in items if not i.context],
+                lambda request: self.kv_manager.get_cache_indices(request.request_id),
             )
+
+    def _should_add_sequence(self, t: RequestTrack) -> bool:
+        return self.connector is None or self.connector.should_add_sequence(t.request)
 
     def _add_sequence(self, run: RunState, t: RequestTrack) -> None:
         request, prompt = t.request, t.spec.prompt
@@ -408,7 +443,7 @@ class ReferenceExecutor:
             def match(num_computed_tokens: int) -> int:
                 return connector.get_num_new_matched_tokens(request, num_computed_tokens)
 
-        reused, external = self.kv_manager.add_sequence(t.rid, prompt, request.cache_salt, match)
+        reused, external = self.kv_manager.add_sequence(t.rid, prompt, self._reuse_root(request), match)
         prepopulated = reused + external
         if prepopulated >= len(prompt):
             raise ContractViolation(
@@ -433,6 +468,15 @@ class ReferenceExecutor:
         tally.connector_tokens += external
         tally.async_loads += t.async_load
 
+    @staticmethod
+    def _reuse_root(request: LlmRequest) -> tuple[int | None, int | None]:
+        """What separates reuse trees besides tokens: the cache salt and the LoRA adapter."""
+        return request.cache_salt_id, request.lora_task_id
+
+    def _block_hashes(self, request: LlmRequest) -> list[int]:
+        """1.3's ``RequestData.block_hashes``: the chain over the request's full blocks."""
+        return self.kv_manager.block_hashes(request.get_tokens(0), self._reuse_root(request))
+
     def _set_prepopulated(self, request: LlmRequest, prepopulated: int) -> None:
         """TRT-LLM's ``setPrepopulatedPromptLen``: skip the prefix; a chunk still ends on a block boundary."""
         request.prepopulated_prompt_len = prepopulated
@@ -446,15 +490,18 @@ class ReferenceExecutor:
         request.context_chunk_size = chunk
 
     def _start_batch(self, items: list[ScheduledItem]) -> list[ScheduledItem]:
+        """``_kv_connector_start_batch``: park async loads, build and bind the metadata, start loads."""
         assert self.connector is not None
-        parked = self.connector.take_scheduled_requests_pending_load([i.track.request for i in items if i.context])
+        context = [i.track.request for i in items if i.context]
+        staying = {id(r) for r in self.connector.take_scheduled_requests_pending_load(context)}
         self.connector.handle_metadata()
         self.connector.start_load_kv(self._stream())
-        return [i for i in items if i.track.rid not in parked]
+        return [i for i in items if not i.context or id(i.track.request) in staying]
 
     # -- the forward pass ---------------------------------------------------------------------
 
-    def _forward(self, run: RunState, items: list[ScheduledItem]) -> ForwardResult:
+    def _forward(self, run: RunState, items: list[ScheduledItem]) -> ForwardResult | None:
+        """One forward pass; ``None`` when a connector call inside it raised (``_handle_errors`` ran)."""
         cfg = self.config
         connector = self.connector
         stream = self._stream()
@@ -487,15 +534,21 @@ class ReferenceExecutor:
             connector.save_kv_layer(layer, stream)
 
         began = time.perf_counter()
-        samples = self.model.forward(
-            pieces,
-            self.pools,
-            pre_hook=pre_hook if hooks or checks else None,
-            post_hook=post_hook if hooks else None,
-        )
-        if connector is not None:
-            connector.forward_pass_done()
-            connector.wait_for_save(stream)
+        try:
+            samples = self.model.forward(
+                pieces,
+                self.pools,
+                pre_hook=pre_hook if hooks or checks else None,
+                post_hook=post_hook if hooks else None,
+            )
+            if connector is not None:
+                connector.forward_pass_done()
+                connector.wait_for_save(stream)
+        except OracleMismatch:
+            raise  # the harness's own check, not an engine error
+        except Exception as exc:  # PyExecutor._forward_step: log, fail every active request, go on
+            self._handle_errors(run, f"{type(exc).__name__}: {exc}", exc)
+            return None
         tokens = [None if s is None else int(s) for s in samples]
         forward_s = time.perf_counter() - began
 
@@ -521,6 +574,16 @@ class ReferenceExecutor:
             tally.oracle_checked_tokens += t.truth[0][0].shape[1]
             t.truth = None
         return result
+
+    def _handle_errors(self, run: RunState, message: str, cause: Exception) -> None:
+        """``PyExecutor._handle_errors``: every active request ends with the error. With the overlap
+        scheduler TensorRT-LLM then asserts that sampling ran and its executor thread ends."""
+        run.tally.forward_errors += 1
+        for t in list(run.active):
+            t.error = message
+            self._terminate(run, t, cancelled=True)
+        if self.config.overlap_scheduler:
+            raise ExecutorStopped(f"the executor loop ended: {message}") from cause
 
     # -- after the forward pass ---------------------------------------------------------------
 
@@ -566,6 +629,8 @@ class ReferenceExecutor:
             t.first_token_s = run.now()
 
     def _terminate(self, run: RunState, t: RequestTrack, cancelled: bool) -> None:
+        """``_do_terminate_request``: ``request_finished`` (``True`` pins the blocks until the save is
+        reported), then the blocks are released."""
         t.done, t.cancelled, t.finish_s, t.pending = True, cancelled, run.now(), None
         if t in run.active:
             run.active.remove(t)
@@ -580,7 +645,7 @@ class ReferenceExecutor:
             self.kv_manager.release(t.rid, request.get_tokens(0), t.kv_len, self._priority_of(request), pin=saving)
             run.tally.finished_allocated += 1
         if saving:
-            run.saving[t.rid] = t
+            self._in_transmission[t.rid] = t
             run.tally.async_saves += 1
         else:
             request.state = LlmRequestState.GENERATION_COMPLETE
@@ -595,24 +660,29 @@ class ReferenceExecutor:
             run.by_id[t.rid] = t
             bisect.insort(run.arrivals, t, key=_arrival_order)
 
-    def _poll_finished(self, run: RunState) -> bool:
+    def _terminate_finished_transfers(self, run: RunState) -> bool:
+        """``_kv_connector_terminate_requests``: one ``get_finished`` poll; unpin what every rank saved.
+
+        TensorRT-LLM 1.2 unpins the first such request and leaves the loop (``break``): the others
+        it was handed stay pinned. 1.3 unpins them all.
+        """
         assert self.connector is not None
-        saved, loaded, failed = self.connector.get_finished()
-        for rid, message in failed.items():
-            t = run.by_id.get(rid)
-            if t is not None and not t.done:  # its promised KV never became valid: kv_len stays at the device match
-                t.error = message
-                self._terminate(run, t, cancelled=True)
-        for rid in saved:
-            t = run.saving.pop(rid)
-            self.kv_manager.unpin(rid)
+        saved = self.connector.get_finished()
+        for request in saved:
+            t = self._in_transmission.pop(request.request_id, None)
+            if t is None:
+                continue
+            self.kv_manager.unpin(t.rid)
             t.request.state = LlmRequestState.GENERATION_COMPLETE
-        for rid in loaded:
-            t = run.by_id.get(rid)
-            if t is not None and not t.done:  # a load that finished after its request was cancelled is dropped
-                t.request.state = LlmRequestState.CONTEXT_INIT
-                t.kv_len = t.reused + t.external
-        return bool(saved or loaded or failed)
+            if self.config.trtllm == "1.2":
+                break
+        loaded = False
+        finished_loading = self.connector.finished_async_loading
+        for t in run.active:
+            if t.async_load and t.rid in finished_loading and t.kv_len < t.reused + t.external:
+                t.kv_len = t.reused + t.external  # its load completed on every rank
+                loaded = True
+        return bool(saved) or loaded
 
     def _check_call_counts(self, before: CallCounts, after: CallCounts, tally: RunTally) -> None:
         """A self-check: the connector calls of this run are the ones TRT-LLM makes for the same run."""

@@ -10,7 +10,10 @@ with block reuse on and partial reuse off:
 - ``add_token`` (a decode step): one more block when the new token's position starts a block.
 - Full blocks whose KV has been written become reusable: prompt blocks once the prefill is done
   (``store_context_blocks``), all of them when the request is released. A block is keyed by its
-  tokens under its parent block, from a root per cache salt (a radix tree over whole blocks).
+  tokens under its parent block, from a ``root`` per request kind: what besides the tokens changes
+  KV (the executor passes the cache salt id and the LoRA adapter). A radix tree over whole blocks.
+  :meth:`KvCacheManager.block_hashes` chains a 64-bit hash over a sequence's full blocks from the
+  same root (TRT-LLM 1.3's ``RequestData.block_hashes``).
 - Released blocks that are in the tree stay cached until evicted: lowest retention priority first,
   then least recently released, deeper blocks first; evicting a block drops its subtree from the
   tree. Other released blocks go straight back to the free list.
@@ -21,9 +24,13 @@ with block reuse on and partial reuse off:
 from __future__ import annotations
 
 import heapq
+import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
 
 PriorityOf = Callable[[int], int]  # block index in the request -> retention priority
 
@@ -53,7 +60,7 @@ class _Node:
 class _Sequence:
     blocks: list[int]
     num_tokens: int  # KV positions the sequence holds room for
-    salt: str | None
+    root: Hashable
     pinned: bool = False
 
 
@@ -68,7 +75,7 @@ class KvCacheManager:
         self._free: deque[int] = deque(range(self.num_blocks))
         self._refs = [0] * self.num_blocks
         self._nodes: dict[int, _Node] = {}  # block id -> its place in the reuse tree
-        self._roots: dict[str | None, _Node] = {}
+        self._roots: dict[Hashable, _Node] = {}
         self._evictable: dict[int, tuple[int, int, int, int]] = {}  # block id -> its live heap key
         self._heap: list[tuple[int, int, int, int]] = []
         self._priority: dict[int, int] = {}
@@ -89,24 +96,41 @@ class KvCacheManager:
     def blocks_held(self, request_id: int) -> int:
         return len(self._seqs[request_id].blocks)
 
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Blocks held only because a finished request's async save pins them."""
+        return sum(len(seq.blocks) for seq in self._seqs.values() if seq.pinned)
+
+    def block_hashes(self, tokens: Sequence[int], root: Hashable) -> list[int]:
+        """A 64-bit hash per full block of ``tokens``, each chained on the one before, seeded by ``root``."""
+        tpb = self.tokens_per_block
+        parent = xxhash.xxh3_64_intdigest(repr(root).encode())
+        out: list[int] = []
+        full = len(tokens) // tpb
+        words = np.asarray(tokens[: full * tpb], np.uint32).tobytes()
+        for i in range(full):
+            parent = xxhash.xxh3_64_intdigest(struct.pack("<Q", parent) + words[i * tpb * 4 : (i + 1) * tpb * 4])
+            out.append(parent)
+        return out
+
     # -- request lifecycle --------------------------------------------------------------------
 
     def add_sequence(
         self,
         request_id: int,
         prompt: Sequence[int],
-        salt: str | None,
+        root: Hashable,
         connector_match: Callable[[int], int] | None,
     ) -> tuple[int, int]:
         """Allocate the prompt's blocks; returns (device-reused tokens, connector-promised tokens)."""
         if request_id in self._seqs:
             raise RuntimeError(f"request {request_id} already holds KV blocks")
         tpb = self.tokens_per_block
-        matched = self._match(salt, prompt, (len(prompt) - 1) // tpb) if self.enable_block_reuse else []
+        matched = self._match(root, prompt, (len(prompt) - 1) // tpb) if self.enable_block_reuse else []
         reused = len(matched) * tpb
         external = connector_match(reused) if connector_match is not None else 0
         fresh = self._allocate(-(-len(prompt) // tpb) - len(matched))
-        self._seqs[request_id] = _Sequence(matched + fresh, len(prompt), salt)
+        self._seqs[request_id] = _Sequence(matched + fresh, len(prompt), root)
         return reused, external
 
     def add_token(self, request_id: int) -> int | None:
@@ -151,9 +175,9 @@ class KvCacheManager:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _match(self, salt: str | None, prompt: Sequence[int], max_blocks: int) -> list[int]:
+    def _match(self, root: Hashable, prompt: Sequence[int], max_blocks: int) -> list[int]:
         tpb = self.tokens_per_block
-        node = self._roots.get(salt)
+        node = self._roots.get(root)
         matched: list[int] = []
         while node is not None and len(matched) < max_blocks:
             i = len(matched)
@@ -167,7 +191,7 @@ class KvCacheManager:
     def _register(self, seq: _Sequence, tokens: Sequence[int], kv_len: int, priority_of: PriorityOf) -> None:
         tpb = self.tokens_per_block
         full = min(kv_len, len(tokens)) // tpb
-        node = self._roots.setdefault(seq.salt, _Node(-1, None, (), 0))
+        node = self._roots.setdefault(seq.root, _Node(-1, None, (), 0))
         for i in range(min(full, len(seq.blocks))):
             key = tuple(tokens[i * tpb : (i + 1) * tpb])
             child = node.children.get(key)

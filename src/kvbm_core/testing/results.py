@@ -58,6 +58,7 @@ class RunCounters:
     async_loads: int
     async_saves: int
     oracle_checked_tokens: int  # reused/onboarded prompt tokens compared with recomputation
+    forward_errors: int  # forward passes a connector error ended (every active request failed)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class RunResult:
     counters: RunCounters
     calls: CallCounts | None  # connector calls since the executor was built; None without a connector
     wall_s: float
+    pending_saves: tuple[int, ...] = ()  # requests whose async save no get_finished has released yet
+    pinned_blocks: int = 0  # device blocks still pinned for async saves when the run returned
 
     def tokens(self) -> list[tuple[int, ...]]:
         return [r.tokens for r in self.requests]

@@ -102,6 +102,7 @@ class RunTally:
     async_loads: int = 0
     async_saves: int = 0
     oracle_checked_tokens: int = 0
+    forward_errors: int = 0  # forward passes a connector error ended (_handle_errors)
     allocations: int = 0  # requests that got KV blocks
     finished_allocated: int = 0  # of those, requests that ended (request_finished)
 
@@ -121,6 +122,7 @@ class RunTally:
             async_loads=self.async_loads,
             async_saves=self.async_saves,
             oracle_checked_tokens=self.oracle_checked_tokens,
+            forward_errors=self.forward_errors,
         )
 
     def expected_calls(self, num_layers: int, block_reuse: bool) -> tuple[dict[str, int], dict[str, int]]:
@@ -135,11 +137,11 @@ class RunTally:
             "register_kv_caches": 0,  # once, when the executor was built
             "bind_connector_meta": self.scheduled_iterations,
             "start_load_kv": self.scheduled_iterations,
-            "wait_for_layer_load": num_layers * self.forwards_with_layer_hooks,
-            "save_kv_layer": num_layers * self.forwards_with_layer_hooks,
-            "wait_for_save": self.forwards,
             "get_finished": self.iterations,
         }
+        if not self.forward_errors:  # a failed forward pass stops at the call that raised
+            worker["wait_for_layer_load"] = worker["save_kv_layer"] = num_layers * self.forwards_with_layer_hooks
+            worker["wait_for_save"] = self.forwards
         return scheduler, worker
 
 
@@ -150,7 +152,6 @@ class RunState:
     arrivals: deque[RequestTrack]  # not yet submitted, in arrival order
     waiting: deque[RequestTrack] = field(default_factory=deque)  # submitted, no KV blocks yet
     active: list[RequestTrack] = field(default_factory=list)  # holding KV blocks (parked ones too)
-    saving: dict[int, RequestTrack] = field(default_factory=dict)  # finished, blocks pinned for a save
     by_id: dict[int, RequestTrack] = field(default_factory=dict)
     previous: ForwardResult | None = None
     iteration: int = 0
@@ -163,5 +164,8 @@ class RunState:
         return time.perf_counter() - self.t0
 
     def busy(self) -> bool:
-        """Whether TRT-LLM's loop would keep iterating rather than block on its request queue."""
-        return bool(self.waiting or self.active or self.saving)
+        """Whether TRT-LLM's loop would keep iterating rather than block on its request queue.
+
+        Requests that only save asynchronously do not count: TRT-LLM waits for new requests then.
+        """
+        return bool(self.waiting or self.active)
