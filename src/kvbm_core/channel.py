@@ -1,4 +1,4 @@
-"""The in-process rendezvous between the leader and the workers that share its process.
+"""The in-process rendezvous between the leader and the worker that shares its process.
 
 TRT-LLM builds the scheduler-side connector on rank 0 only, in the same process as rank 0's
 worker, and hands both the same ``llm_args`` object. That object keys a :class:`LocalChannel`:
@@ -8,13 +8,15 @@ worker, and hands both the same ``llm_args`` object. That object keys a :class:`
 - leader -> worker: the :class:`WorkerConfig` (resolved settings and tier sizes).
 
 Workers of other ranks (other processes) have no leader here: they take the :class:`WorkerConfig`
-from the first step's metadata and report nothing; the leader follows rank 0's results, and each
-worker orders operations on a slot locally, so a lagging rank never sees a slot reused under it.
+from the first step's metadata and reach the leader over :mod:`kvbm_core.link`, whose address
+travels in that configuration. Every rank's results reach the leader; each worker also orders
+operations on a slot locally, so a lagging rank never sees a slot reused under it.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
+from kvbm_core.link import LinkAddress
 from kvbm_core.ops import OpResult
 from kvbm_core.settings.model import KvbmSettings
 
@@ -37,12 +40,14 @@ class TierAllocation:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What every worker needs from the leader to allocate identical tiers."""
+    """What every worker needs from the leader to allocate identical tiers, and where the leader
+    listens for the ranks in other processes (``None`` with one rank)."""
 
     settings: KvbmSettings
     tiers: tuple[TierAllocation, ...]
     namespace: bytes
     world_size: int
+    link: LinkAddress | None = None
 
     def tier_at(self, level: TierLevel) -> TierAllocation | None:
         return next((t for t in self.tiers if t.level == level), None)
@@ -57,15 +62,31 @@ class LeaderEndpoint(Protocol):
 
 
 class LocalChannel:
-    """One engine instance's in-process link. Results are queued; the leader drains them."""
+    """One engine instance's in-process link. Results are queued; the leader drains them.
+
+    The worker in the leader's process registers a *collector* (it hands its finished operations to
+    :meth:`report`); the leader calls :meth:`collect` before it decides anything, so results of
+    copies that completed while the engine idled count at once.
+    """
 
     def __init__(self) -> None:
         self.leader: LeaderEndpoint | None = None
         self._lock = threading.Lock()
         self._results: list[OpResult] = []
+        self._collectors: list[Callable[[], None]] = []
+
+    def add_collector(self, collect: Callable[[], None]) -> None:
+        with self._lock:
+            self._collectors.append(collect)
+
+    def collect(self) -> None:
+        with self._lock:
+            collectors = list(self._collectors)
+        for collect in collectors:
+            collect()
 
     def report(self, results: list[OpResult]) -> None:
-        """Called by rank 0's worker from any thread."""
+        """Called by rank 0's worker, or the link for other ranks, from any thread."""
         if results:
             with self._lock:
                 self._results.extend(results)

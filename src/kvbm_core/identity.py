@@ -3,11 +3,12 @@
 Two hashes live here and are kept apart on purpose:
 
 **BlockKey** (ours, 128 bits) is what the leader registers, matches and stamps on disk. Block ``i``
-of a request covers tokens ``[i*tpb, (i+1)*tpb)``; its bytes depend on every token before it and on
+of a request covers tokens ``[i*tpb, (i+1)*tpb)``; its bytes depend on every token before it, on
 everything in :class:`Namespace` (model, KV dtype, layout, tokens per block, TP size and how ranks
-split a block) plus the request's cache salt. The key is a chained hash of the whole prefix::
+split a block) and on the request's :class:`RequestScope` (cache salt, LoRA adapter). The key is a
+chained hash of the whole prefix::
 
-    key_-1 = XXH3-128(FORMAT || namespace digest || salt tag)              (16 bytes)
+    key_-1 = XXH3-128(FORMAT || namespace digest || scope tag)             (16 bytes)
     key_i  = XXH3-128(key_{i-1} || tokens of block i as u32 little-endian)   (16 bytes)
 
 so ``key_i`` covers every token up to the end of block ``i``, in order, and the namespace. A real
@@ -122,21 +123,53 @@ class Namespace:
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return xxhash.xxh3_128_digest(canonical.encode("ascii"))
 
-    def key_space(self, cache_salt: str | None = None) -> "KeySpace":
-        return KeySpace(self, cache_salt)
+    def key_space(self, scope: "RequestScope | None" = None) -> "KeySpace":
+        return KeySpace(self, scope or RequestScope())
+
+
+@dataclass(frozen=True)
+class RequestScope:
+    """What besides its tokens changes a request's KV bytes, as the engine's request object tells it.
+
+    TensorRT-LLM gives a cache salt either as the string (1.3's Python request) or only as the
+    runtime's integer id derived from it (1.2, and every binding): both are kept apart, so a salt is
+    never matched across the two forms (a missed hit at worst, never a shared block). A LoRA adapter
+    (``lora_task_id``) changes every layer's KV. The empty scope is a request with neither.
+    """
+
+    cache_salt: str | None = None
+    cache_salt_id: int | None = None
+    lora_task_id: int | None = None
+
+    @property
+    def tag(self) -> bytes:
+        if self == _NO_SCOPE:
+            return b"\x00"
+        fields = {k: v for k, v in (("salt", self.cache_salt), ("salt_id", self.cache_salt_id),
+                                    ("lora", self.lora_task_id)) if v is not None}
+        return b"\x02" + json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+    @property
+    def salt_text(self) -> str | None:
+        """The salt as one string (KV events carry it this way)."""
+        if self.cache_salt is not None:
+            return self.cache_salt
+        return None if self.cache_salt_id is None else f"id:{self.cache_salt_id}"
+
+
+_NO_SCOPE = RequestScope()
 
 
 class KeySpace:
-    """A namespace plus one cache salt: the root every request with that salt chains from."""
+    """A namespace plus one request scope: the root every request of that scope chains from."""
 
-    __slots__ = ("namespace", "cache_salt", "tokens_per_block", "root")
+    __slots__ = ("namespace", "scope", "tokens_per_block", "root")
 
-    def __init__(self, namespace: Namespace, cache_salt: str | None = None) -> None:
+    def __init__(self, namespace: Namespace, scope: RequestScope = _NO_SCOPE) -> None:
         self.namespace = namespace
-        self.cache_salt = cache_salt
+        self.scope = scope
         self.tokens_per_block = namespace.tokens_per_block
-        tag = b"\x00" if cache_salt is None else b"\x01" + cache_salt.encode("utf-8")
-        self.root: bytes = xxhash.xxh3_128_digest(KEY_FORMAT + namespace.digest + tag)
+        self.root: bytes = xxhash.xxh3_128_digest(KEY_FORMAT + namespace.digest + scope.tag)
 
     def chain(self, parent: bytes, tokens: array, start: int, stop: int) -> tuple[bytes, bytes]:
         """Keys of blocks ``[start, stop)`` after ``parent`` (key ``start - 1``, or the root).
@@ -160,9 +193,10 @@ def keys_array(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, "<u8").reshape(-1, 2).astype(np.uint64, copy=False)
 
 
-def block_keys(namespace: Namespace, tokens: Sequence[int] | np.ndarray, cache_salt: str | None = None) -> np.ndarray:
+def block_keys(namespace: Namespace, tokens: Sequence[int] | np.ndarray, scope: RequestScope | None = None
+               ) -> np.ndarray:
     """The BlockKeys of every full block of ``tokens`` (one-shot form of :class:`PrefixHasher`)."""
-    hasher = PrefixHasher(namespace.key_space(cache_salt), tokens)
+    hasher = PrefixHasher(namespace.key_space(scope), tokens)
     return hasher.keys(hasher.num_full_blocks)
 
 

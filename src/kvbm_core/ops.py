@@ -5,6 +5,12 @@ handful of flat numpy arrays rather than a list of objects. An operation moves a
 one :class:`Route`; its blocks are ``src[offsets[i]:offsets[i+1]]`` -> ``dst[...]``, where device
 sides are device block ids and tier sides are slot indices. ``keys`` carries each block's 128-bit
 identity so that disk slots can be stamped on write and verified on read.
+
+``fresh_blocks`` lists every device block id the engine handed out in this step (the
+``new_block_ids`` of every request in the scheduler output). The engine may write those blocks in
+this step's forward pass while an earlier store of this rank still reads them (kvbm never pins a
+finished request's blocks: see :mod:`kvbm_core.trtllm.connector`), so each rank makes its compute
+stream wait for its own operations on them first.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class StepOps:
     src: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     dst: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     keys: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))
+    fresh_blocks: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     worker_config: Any = None
 
     def __len__(self) -> int:
@@ -93,7 +100,7 @@ class StepOps:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, StepOps):
             return NotImplemented
-        arrays = ("op_ids", "routes", "request_ids", "offsets", "src", "dst", "keys")
+        arrays = ("op_ids", "routes", "request_ids", "offsets", "src", "dst", "keys", "fresh_blocks")
         return (
             self.step == other.step
             and all(np.array_equal(getattr(self, a), getattr(other, a)) for a in arrays)
@@ -102,10 +109,11 @@ class StepOps:
 
     @classmethod
     def build(cls, step: int, ops: Sequence[tuple[int, Route, int, np.ndarray, np.ndarray, np.ndarray]],
-              worker_config: Any = None) -> "StepOps":
+              worker_config: Any = None, fresh_blocks: np.ndarray | None = None) -> "StepOps":
         """Pack ``(op_id, route, request_id, src, dst, keys)`` tuples into flat arrays."""
+        fresh = np.zeros(0, np.int64) if fresh_blocks is None else np.asarray(fresh_blocks, np.int64)
         if not ops:
-            return cls(step, worker_config=worker_config)
+            return cls(step, fresh_blocks=fresh, worker_config=worker_config)
         sizes = np.array([len(o[3]) for o in ops], np.int64)
         offsets = np.zeros(len(ops) + 1, np.int64)
         np.cumsum(sizes, out=offsets[1:])
@@ -118,20 +126,24 @@ class StepOps:
             src=np.concatenate([np.asarray(o[3], np.int64) for o in ops]),
             dst=np.concatenate([np.asarray(o[4], np.int64) for o in ops]),
             keys=np.concatenate([np.asarray(o[5], np.uint64).reshape(-1, 2) for o in ops]),
+            fresh_blocks=fresh,
             worker_config=worker_config,
         )
 
 
 @dataclass(frozen=True)
 class OpResult:
-    """What a worker reports for one finished operation. ``ok=False`` is never counted as done.
+    """What one rank reports for one finished operation. ``ok=False`` is never counted as done.
 
     ``failed_blocks`` lists the positions (within the op) of blocks that failed verification, so
-    the leader can drop exactly those slots from its registry.
+    the leader can drop exactly those slots from its registry. The leader acts on an operation once
+    every rank has reported it.
     """
 
     op_id: int
     ok: bool
+    rank: int = 0
+    request_id: int = NO_REQUEST
     num_bytes: int = 0
     seconds: float = 0.0
     error: str = ""

@@ -8,7 +8,7 @@ from kvbm_core.bench.runner import RequestRecord, RunRecord
 from kvbm_core.bench.summary import compare_outputs, mean_ttft_by_round, ratios, summarize, ttft_stats
 from kvbm_core.testing import RunCounters
 
-COUNTERS = RunCounters(*([0] * 14))
+COUNTERS = RunCounters(*([0] * 15))
 
 
 def record(user: int, rnd: int, arrival: float, ttft: float, tokens: tuple[int, ...]) -> RequestRecord:

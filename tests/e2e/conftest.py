@@ -83,6 +83,13 @@ def write_profile(path: Path, tiers: Sequence[dict], **extra: Any) -> Path:
     return path
 
 
+def settle(executor: ReferenceExecutor) -> None:
+    """Let every rank finish the copies still in flight when the run returned (the engine does not
+    wait for them), so that the leader's accounting is complete."""
+    for worker in executor.workers:
+        assert worker.wait_until_idle(timeout=60.0)
+
+
 def close_connector(executor: ReferenceExecutor) -> None:
     for worker in executor.workers:
         worker.close()
@@ -111,6 +118,7 @@ def kvbm_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., C
         executor = ReferenceExecutor(config, connector=connector, model=model)
         opened.append(executor)
         result = executor.run(specs)
+        settle(executor)
         return Comparison(baseline, result, executor.scheduler.stats, executor)
 
     yield run

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvbm_core.identity import RequestScope
 from kvbm_core.leader import BlockManager
 from kvbm_core.ops import LOADS, STORES, Op, OpResult, Route, StepOps
 
@@ -91,6 +92,7 @@ class Sim:
         self.loads_from = {"host": 0, "disk": 0}
         self.first_config_seen = False
         self.ops_of: dict[int, set[int]] = {}
+        self.delivered: set[int] = set()
 
     # --------------------------------------------------------------------------- identities
     def identity(self, req: SimRequest, block: int) -> object:
@@ -143,7 +145,7 @@ class Sim:
         device_tokens = reuse * tpb
         if self.partial_reuse_rate and self.rng.random() < self.partial_reuse_rate and device_tokens + 1 < n:
             device_tokens += self.rng.randint(1, min(tpb - 1, n - 1 - device_tokens))
-        m = self.bm.match(req.rid, req.prompt, device_tokens, cache_salt=req.salt)
+        m = self.bm.match(req.rid, req.prompt, device_tokens, scope=RequestScope(req.salt))
         assert m.num_tokens % tpb == 0
         assert m.num_tokens == (m.host_blocks + m.disk_blocks) * tpb
         assert m.load_async == (m.disk_blocks > 0)
@@ -184,7 +186,8 @@ class Sim:
 
     def _finish(self, req: SimRequest) -> None:
         first = self.bm.finish(req.rid)
-        assert first == bool(self.ops_of.get(req.rid)), "finish must say whether any op was planned"
+        in_flight = self.ops_of.get(req.rid, set()) - self.delivered
+        assert first == bool(in_flight), "finish must say whether an op of the request is still in flight"
         assert self.bm.finish(req.rid) in (first, False)
         self._release_device(req)
         req.state = "done"
@@ -206,7 +209,7 @@ class Sim:
         for req in self.requests.values():
             if req.state == "waiting" and req.arrive <= self.step_no:
                 if req.cancel_after == 0 and self.rng.random() < 0.5:  # cancelled while waiting for allocation
-                    bm.match(req.rid, req.prompt, 0, cache_salt=req.salt)
+                    bm.match(req.rid, req.prompt, 0, scope=RequestScope(req.salt))
                     self._finish(req)
                     continue
                 self._admit(req)
@@ -313,6 +316,7 @@ class Sim:
         self.rng.shuffle(self.results)
         cut = len(self.results) if rate >= 1 else self.rng.randint(0, int(len(self.results) * rate) + 1)
         now, self.results = self.results[:cut], self.results[cut:]
+        self.delivered.update(r.op_id for r in now)
         self.bm.apply_results(now)
         self.bm.verify()
 

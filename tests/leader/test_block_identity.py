@@ -21,6 +21,7 @@ from kvbm_core.identity import (
     DynamoSequenceChain,
     Namespace,
     PrefixHasher,
+    RequestScope,
     block_keys,
     dynamo_salt_hash,
     dynamo_sequence_hashes,
@@ -31,9 +32,11 @@ from kvbm_core.layout import BlockLayout
 NS = Namespace.from_layout(BlockLayout(4, 2, 256, "bfloat16", 4), "org/model", world_size=2)
 
 
-def reference_keys(namespace: Namespace, tokens: list[int], salt: str | None) -> list[tuple[int, int]]:
+def reference_keys(namespace: Namespace, tokens: list[int], scope: RequestScope) -> list[tuple[int, int]]:
     """The documented chain, one block at a time."""
-    tag = b"\x00" if salt is None else b"\x01" + salt.encode()
+    fields = {k: v for k, v in (("salt", scope.cache_salt), ("salt_id", scope.cache_salt_id),
+                                ("lora", scope.lora_task_id)) if v is not None}
+    tag = b"\x00" if not fields else b"\x02" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     key = xxhash.xxh3_128_digest(KEY_FORMAT + namespace.digest + tag)
     tpb = namespace.tokens_per_block
     out = []
@@ -45,11 +48,19 @@ def reference_keys(namespace: Namespace, tokens: list[int], salt: str | None) ->
 
 def test_keys_follow_the_documented_chain():
     rng = np.random.default_rng(0)
-    for salt in (None, "tenant-a"):
+    for scope in (RequestScope(), RequestScope("tenant-a"), RequestScope(cache_salt_id=7, lora_task_id=3)):
         tokens = rng.integers(0, 200_000, 4 * 40 + 3).tolist()
-        keys = block_keys(NS, tokens, salt)
+        keys = block_keys(NS, tokens, scope)
         assert keys.dtype == np.uint64 and keys.shape == (40, 2)
-        assert [tuple(k) for k in keys.tolist()] == reference_keys(NS, tokens, salt)
+        assert [tuple(k) for k in keys.tolist()] == reference_keys(NS, tokens, scope)
+
+
+def test_every_part_of_the_scope_separates_keys():
+    tokens = list(range(4 * 5))
+    scopes = [RequestScope(), RequestScope("7"), RequestScope(cache_salt_id=7), RequestScope(lora_task_id=7),
+              RequestScope("7", lora_task_id=7), RequestScope(cache_salt_id=7, lora_task_id=7)]
+    firsts = {tuple(block_keys(NS, tokens, scope)[0]) for scope in scopes}
+    assert len(firsts) == len(scopes)
 
 
 def test_key_format_is_stable_across_releases():
@@ -106,15 +117,16 @@ def test_tokens_per_block_and_salt_change_every_key():
     a = {tuple(k) for k in block_keys(NS, tokens).tolist()}
     assert not a & {tuple(k) for k in block_keys(ns8, tokens).tolist()}
     for salt in ("", "x"):
-        assert not a & {tuple(k) for k in block_keys(NS, tokens, salt).tolist()}
-    assert not (block_keys(NS, tokens, "") == block_keys(NS, tokens, "x")).all(axis=1).any()
+        assert not a & {tuple(k) for k in block_keys(NS, tokens, RequestScope(salt)).tolist()}
+    empty, x = block_keys(NS, tokens, RequestScope("")), block_keys(NS, tokens, RequestScope("x"))
+    assert not (empty == x).all(axis=1).any()
 
 
 @settings(max_examples=60, deadline=None)
 @given(tokens=st.lists(st.integers(0, 2**32 - 1), max_size=90), cuts=st.lists(st.integers(1, 23), max_size=12),
        hash_every=st.booleans())
 def test_incremental_hashing_equals_one_shot(tokens, cuts, hash_every):
-    hasher = PrefixHasher(NS.key_space("s"))
+    hasher = PrefixHasher(NS.key_space(RequestScope("s")))
     pos = 0
     for cut in [*cuts, len(tokens)]:
         hasher.append(tokens[pos : pos + cut])
@@ -122,7 +134,7 @@ def test_incremental_hashing_equals_one_shot(tokens, cuts, hash_every):
         if hash_every:
             hasher.keys(hasher.num_full_blocks)
     hasher.append(tokens[pos:])
-    assert np.array_equal(hasher.keys(hasher.num_full_blocks), block_keys(NS, tokens, "s"))
+    assert np.array_equal(hasher.keys(hasher.num_full_blocks), block_keys(NS, tokens, RequestScope("s")))
 
 
 def test_numpy_and_list_tokens_agree_and_bad_tokens_raise():
@@ -172,19 +184,19 @@ def test_hashes_are_the_same_in_a_fresh_process_with_another_hash_seed():
     script = textwrap.dedent(
         """
         import json, sys
-        from kvbm_core.identity import Namespace, block_keys, dynamo_sequence_hashes
+        from kvbm_core.identity import Namespace, RequestScope, block_keys, dynamo_sequence_hashes
         from kvbm_core.layout import BlockLayout
         ns = Namespace.from_layout(BlockLayout(4, 2, 256, "bfloat16", 4), "org/model", world_size=2)
         tokens = [(i * 7919) % 151_000 for i in range(203)]
         print(json.dumps({
             "ns": ns.digest.hex(),
-            "keys": block_keys(ns, tokens, "salt").tolist(),
+            "keys": block_keys(ns, tokens, RequestScope("salt")).tolist(),
             "dyn": dynamo_sequence_hashes(tokens, 4, "salt").tolist(),
         }))
         """
     )
     tokens = [(i * 7919) % 151_000 for i in range(203)]
-    here = {"ns": NS.digest.hex(), "keys": block_keys(NS, tokens, "salt").tolist(),
+    here = {"ns": NS.digest.hex(), "keys": block_keys(NS, tokens, RequestScope("salt")).tolist(),
             "dyn": dynamo_sequence_hashes(tokens, 4, "salt").tolist()}
     for seed in ("0", "12345", "random"):
         env = {**os.environ, "PYTHONHASHSEED": seed}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kvbm_core.hookspecs import hookimpl
-from kvbm_core.identity import block_keys, dynamo_sequence_hashes
+from kvbm_core.identity import RequestScope, block_keys, dynamo_sequence_hashes
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.leader import BlockManager, Match, RequestStateError, SlotState
 from kvbm_core.ops import LOADS, NO_REQUEST, STORES, OpResult, Route, StepOps
@@ -243,7 +243,18 @@ def test_two_requests_computing_one_prefix_store_it_once(captured):
     assert len(bm.schedule([RequestData(3, prompt, [30, 31, 32, 33], 0, 13)], [])) == 0
     bm.apply_results(ok(ops))
     assert len(capture.of("stored")) == 1 and bm.stats.offload_blocks_d2h == 3
-    assert bm.finish(2) is False and bm.finish(3) is False and bm.finish(1) is True
+    assert bm.finish(2) is False and bm.finish(3) is False and bm.finish(1) is False  # nothing in flight
+
+
+def test_finish_says_whether_an_operation_is_still_in_flight(make_bm):
+    bm = make_bm()
+    prompt = prompt_of(4 * 3 + 1)
+    bm.match(1, prompt, 0)
+    bm.allocated(1, [0, 1, 2, 3])
+    ops = bm.schedule([RequestData(1, prompt, [0, 1, 2, 3], 0, 13)], [])
+    assert bm.finish(1) is True  # its store has no result yet
+    bm.apply_results(ok(ops))
+    assert bm.finish(1) is False and bm.num_requests == 0
 
 
 # ------------------------------------------------------------------------------------ the pipelines
@@ -355,7 +366,7 @@ def test_failed_load_drops_the_bad_slots_and_the_requests_stores(captured):
     assert len(removed) == 1 and np.array_equal(removed[0][2], keys[1:3])
     # no further stores for the failed request
     assert len(bm.schedule([], [RequestData(2, [1] * 8, [17, 18], len(longer), 8)])) == 0
-    assert bm.finish(2) is True and bm.num_requests == 0
+    assert bm.finish(2) is False and bm.num_requests == 0
     bm.verify()
 
 
@@ -528,16 +539,16 @@ def test_events_and_stats(captured):
 def test_cache_salt_separates_requests(make_bm):
     bm = make_bm()
     prompt = prompt_of(9)
-    m = bm.match(1, prompt, 0, cache_salt="tenant-a")
+    m = bm.match(1, prompt, 0, scope=RequestScope("tenant-a"))
     bm.allocated(1, [0, 1, 2])
     ops = bm.schedule([RequestData(1, prompt, [0, 1, 2], 0, 9)], [])
-    assert np.array_equal(ops.keys, block_keys(bm.namespace, prompt, "tenant-a"))
+    assert np.array_equal(ops.keys, block_keys(bm.namespace, prompt, RequestScope("tenant-a")))
     bm.apply_results(ok(ops))
     bm.finish(1)
     assert m.num_tokens == 0
     assert bm.match(2, prompt, 0).num_tokens == 0
-    assert bm.match(3, prompt, 0, cache_salt="tenant-b").num_tokens == 0
-    assert bm.match(4, prompt, 0, cache_salt="tenant-a").num_tokens == 8
+    assert bm.match(3, prompt, 0, scope=RequestScope("tenant-b")).num_tokens == 0
+    assert bm.match(4, prompt, 0, scope=RequestScope("tenant-a")).num_tokens == 8
 
 
 def test_tiny_tier_full_of_held_blocks_skips_offloads(make_bm):

@@ -4,9 +4,10 @@ request can skip, and what each step must load and store. Pure bookkeeping: no b
 The TRT-LLM connector calls, per request: :meth:`~BlockManager.match` (``get_num_new_matched_tokens``),
 :meth:`~BlockManager.allocated` (``update_state_after_alloc``), :meth:`~BlockManager.finish`
 (``request_finished``); per step :meth:`~BlockManager.schedule` (``build_connector_meta``); and
-:meth:`~BlockManager.apply_results` with rank 0's operation results. Every transfer is two-phase:
-planned here (its slots protected: stores write ``WRITING`` slots, loads read ``HELD`` ones) and
-completed only by its result.
+:meth:`~BlockManager.apply_results` with every rank's operation results. Every transfer is
+two-phase: planned here (its slots protected: stores write ``WRITING`` slots, loads read ``HELD``
+ones) and completed only once every rank reported it: it succeeded only if it succeeded on every
+rank, and the blocks that failed on any rank count as failed.
 
 Choices:
 
@@ -58,7 +59,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -66,7 +67,7 @@ import structlog
 
 from kvbm_core.channel import WorkerConfig
 from kvbm_core.errors import KvbmError
-from kvbm_core.identity import KeySpace, Namespace, dynamo_salt_hash, keys_array
+from kvbm_core.identity import KeySpace, Namespace, RequestScope, dynamo_salt_hash, keys_array
 from kvbm_core.layout import BlockLayout
 from kvbm_core.leader.cost_model import CostModel
 from kvbm_core.leader.disk_offload import DiskOffloader
@@ -77,6 +78,7 @@ from kvbm_core.leader.slot_state import SlotState
 from kvbm_core.leader.stats import LeaderStats, StatsBook
 from kvbm_core.leader.tier_state import ABSENT, DEFAULT_PRIORITY, TierState
 from kvbm_core.leader.tiers import build_tiers
+from kvbm_core.link import LinkAddress
 from kvbm_core.ops import LOADS, NO_REQUEST, STORES, OpResult, Route, StepOps
 from kvbm_core.registry import Registry
 from kvbm_core.settings.model import KvbmSettings
@@ -85,6 +87,9 @@ log = structlog.get_logger("kvbm.leader")
 
 HOST, DISK, MISS = 0, 1, -1
 """Codes of where a matched block loads from (index into ``BlockManager._tiers``)."""
+
+MAX_SCOPES_CACHED = 4096
+"""Request scopes (salt, adapter) whose key space is kept built; the cache starts over past this."""
 
 MAX_FAILED_REMEMBERED = 65_536
 """How many failed request ids :attr:`BlockManager.failed_requests` keeps (oldest dropped first)."""
@@ -117,7 +122,8 @@ class BlockManager:
     """The leader's block bookkeeping for one engine instance (see the module docstring)."""
 
     def __init__(self, settings: KvbmSettings, layout: BlockLayout, *, world_size: int, model_id: str,
-                 registry: Registry, clock: Callable[[], float] = time.monotonic) -> None:
+                 registry: Registry, clock: Callable[[], float] = time.monotonic,
+                 link: LinkAddress | None = None) -> None:
         self.settings = settings
         self.layout = layout
         self.world_size = world_size
@@ -134,15 +140,15 @@ class BlockManager:
         self._kinds = tuple(t.kind if t is not None else "" for t in self._tiers)
         self._to_disk = DiskOffloader(self.host, self.disk, tiers.disk_filter) \
             if self.host is not None and self.disk is not None else None
-        self.worker_config = WorkerConfig(settings, tiers.allocations, self.namespace.digest, world_size)
+        self.worker_config = WorkerConfig(settings, tiers.allocations, self.namespace.digest, world_size, link)
         self._cost = CostModel(settings.cost_model, layout.bytes_per_block, layout.tokens_per_block, tiers.read_gbps)
         self._target = self.host if self.host is not None else self.disk
         self._store_route = Route.D2H if self.host is not None else Route.D2DISK
         self._min_priority = settings.host_offload_prefix_min_priority
-        self._default_space = self.namespace.key_space(None)
-        self._default_salt_hash = dynamo_salt_hash()
+        self._spaces: dict[RequestScope, tuple[KeySpace, int]] = {}
         self._requests: dict[int, RequestSlot] = {}
         self._ops: dict[int, PlannedOp] = {}
+        self._partial: dict[int, dict[int, OpResult]] = {}  # op id -> rank -> result, until all ranks report
         self._next_op_id = 1
         self._step = 0
         self._config_sent = False
@@ -181,14 +187,14 @@ class BlockManager:
 
     # ================================================================================= match
     def match(self, request_id: int, tokens: Sequence[int], num_device_tokens: int, *,
-              cache_salt: str | None = None) -> Match:
+              scope: RequestScope | None = None) -> Match:
         """How many prompt tokens after the device prefix the tiers can provide; pins them."""
         req = self._requests.get(request_id)
         if req is not None:
             self._forget_unstarted(req)
         req = RequestSlot(request_id)
         req.move(RequestPhase.MATCHED)
-        space, salt_hash = self._key_space(cache_salt)
+        space, salt_hash = self._key_space(scope or RequestScope())
         req.start_hashing(space, tokens, salt_hash)
         req.prompt = tokens
         self._requests[request_id] = req
@@ -263,10 +269,14 @@ class BlockManager:
             self._offer_for_disk(keys[:k][from_host])
         return Match(k * tpb, n_host, n_disk, n_disk > 0)
 
-    def _key_space(self, cache_salt: str | None) -> tuple[KeySpace, int]:
-        if cache_salt is None:
-            return self._default_space, self._default_salt_hash
-        return self.namespace.key_space(cache_salt), dynamo_salt_hash(cache_salt)
+    def _key_space(self, scope: RequestScope) -> tuple[KeySpace, int]:
+        """The key space of ``scope`` and its Dynamo salt hash (for KV events), built once per scope."""
+        found = self._spaces.get(scope)
+        if found is None:
+            if len(self._spaces) >= MAX_SCOPES_CACHED:
+                self._spaces.clear()
+            found = self._spaces[scope] = (self.namespace.key_space(scope), dynamo_salt_hash(scope.salt_text))
+        return found
 
     # ============================================================================= allocated
     def allocated(self, request_id: int, block_ids: Sequence[int]) -> None:
@@ -287,9 +297,11 @@ class BlockManager:
                 self._to_onboard[request_id] = None
 
     # ============================================================================== schedule
-    def schedule(self, new_requests: Sequence[RequestLike], cached_requests: Sequence[RequestLike]) -> StepOps:
+    def schedule(self, new_requests: Sequence[RequestLike], cached_requests: Sequence[RequestLike], *,
+                 fresh_blocks: Sequence[int] = ()) -> StepOps:
         """One step's operations: onboards of newly allocated requests, stores of blocks this step
-        fills, and background host -> disk offloads."""
+        fills, and background host -> disk offloads. ``fresh_blocks``: the device blocks the engine
+        handed out in this step (every request's ``new_block_ids``), passed on to the workers."""
         planned: list[PlannedOp] = []
         self._emit_onboards(planned)
         candidates: list[tuple[RequestSlot, int, int]] = []
@@ -336,7 +348,7 @@ class BlockManager:
         step = self._step
         self._step += 1
         return StepOps.build(step, [(op.op_id, op.route, op.request_id, op.src, op.dst, op.keys) for op in planned],
-                             worker_config=config)
+                             worker_config=config, fresh_blocks=np.asarray(fresh_blocks, np.int64))
 
     def _emit_onboards(self, planned: list[PlannedOp]) -> None:
         for request_id in self._to_onboard:
@@ -382,7 +394,8 @@ class BlockManager:
         if req.phase is RequestPhase.FINISHED:
             return None, 0
         if req.hasher is None:  # never matched (e.g. block reuse off): the report tells the salt, if any
-            space, salt_hash = self._key_space(getattr(report, "cache_salt", None))
+            scope = RequestScope(getattr(report, "cache_salt", None), getattr(report, "cache_salt_id", None))
+            space, salt_hash = self._key_space(scope)
             req.start_hashing(space, (), salt_hash)
         hasher = req.hasher
         assert hasher is not None
@@ -539,12 +552,15 @@ class BlockManager:
 
     # ============================================================================== results
     def apply_results(self, results: Sequence[OpResult]) -> None:
-        """Complete (or fail) operations from rank 0's results; unknown op ids are logged and ignored."""
-        for result in results:
-            op = self._ops.pop(result.op_id, None)
-            if op is None:
-                log.warning("result for an operation that is not pending", op_id=result.op_id)
+        """Complete (or fail) operations once every rank reported them; unknown op ids are logged and ignored."""
+        for rank_result in results:
+            if rank_result.op_id not in self._ops:
+                log.warning("result for an operation that is not pending", op_id=rank_result.op_id)
                 continue
+            result = self._gather(rank_result)
+            if result is None:
+                continue
+            op = self._ops.pop(result.op_id)
             req = self._requests.get(op.request_id) if op.request_id != NO_REQUEST else None
             failed = (not result.ok) or bool(result.failed_blocks)
             if failed:
@@ -565,6 +581,24 @@ class BlockManager:
             if req is not None:
                 req.pending.discard(op.op_id)
                 self._forget_if_done(req)
+
+    def _gather(self, result: OpResult) -> OpResult | None:
+        """Every rank's result for one operation, merged; ``None`` until the last rank reported."""
+        if self.world_size == 1:
+            return result
+        parts = self._partial.setdefault(result.op_id, {})
+        parts[result.rank] = result
+        if len(parts) < self.world_size:
+            return None
+        del self._partial[result.op_id]
+        slowest = max(parts.values(), key=lambda r: r.seconds)
+        failed = [r for r in parts.values() if not r.ok]
+        errors = "; ".join(f"rank {r.rank}: {r.error}" for r in sorted(failed, key=lambda r: r.rank) if r.error)
+        if any(not r.failed_blocks for r in failed):  # a rank that names no block failed them all
+            bad: tuple[int, ...] = ()
+        else:
+            bad = tuple(sorted({b for r in failed for b in r.failed_blocks}))
+        return replace(slowest, ok=not failed, rank=-1, error=errors, failed_blocks=bad)
 
     def _finish_store(self, op: PlannedOp, result: OpResult, discard: bool) -> None:
         tier = op.tier
@@ -618,12 +652,12 @@ class BlockManager:
 
     # =============================================================================== finish
     def finish(self, request_id: int) -> bool:
-        """The request finished or was cancelled. True iff any operation was ever planned for it."""
+        """The request finished or was cancelled. True iff an operation of it has no result yet."""
         req = self._requests.get(request_id)
         if req is None:
             return False
         if req.phase is RequestPhase.FINISHED:
-            return bool(req.ops)
+            return bool(req.pending)
         if not req.loads_emitted:
             self._release_promise(req)
         self._to_onboard.pop(request_id, None)
@@ -633,7 +667,7 @@ class BlockManager:
                              host_hit_blocks=req.host_hits, disk_hit_blocks=req.disk_hits)
         req.move(RequestPhase.FINISHED)
         self._forget_if_done(req)
-        return bool(req.ops)
+        return bool(req.pending)
 
     def _forget_if_done(self, req: RequestSlot) -> None:
         if req.phase is RequestPhase.FINISHED and not req.pending and self._requests.get(req.request_id) is req:

@@ -21,8 +21,18 @@ Choices (documented for users in the README):
   ``wait_for_save`` where the engine has no callable) records an event on the compute stream, and
   the copies wait on it GPU-side. They are issued in ``get_finished``, once the engine has queued
   its read of the sampled tokens, so that read never waits behind them on the device -> host copy
-  engine. They never block the forward path; ``request_finished`` returns True while they may be
-  in flight.
+  engine. They never block the forward path.
+- **Device blocks are never pinned** for a store: ``request_finished`` returns False, and the
+  engine frees the request's blocks at once. A freed block a store still reads can be handed to
+  another request only in a later step, and every block handed out in a step is listed in that
+  step's metadata (``StepOps.fresh_blocks``): each rank's ``start_load_kv`` makes the compute
+  stream wait for its own operations on those blocks before the forward pass writes them. (Pinning
+  is the engine's other way, and TensorRT-LLM 1.2 releases at most one pinned request per poll and
+  none while it idles.) With partial reuse and ``copy_on_partial_reuse`` on, TensorRT-LLM copies
+  into a new block while it allocates, before ``start_load_kv``: there kvbm pins instead
+  (``request_finished`` is True while a store of the request is in flight), and ``get_finished``
+  reports at most one finished save per call, in the order the requests finished, the same on
+  every rank, so that 1.2's loop releases every one of them.
 - **A failed load** of a promised block is never reported as loaded. TRT-LLM 1.2 has no way to take
   back promised tokens, so the worker raises :class:`~kvbm_core.errors.KvbmLoadError` naming the
   request from ``get_finished``: the engine fails it with a clear error instead of generating from
@@ -37,6 +47,7 @@ from __future__ import annotations
 import atexit
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,10 +58,12 @@ import torch
 
 from kvbm_core.channel import TierAllocation, WorkerConfig, channel_for, release_channel
 from kvbm_core.errors import ConfigError, KvbmLoadError
+from kvbm_core.identity import RequestScope
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
+from kvbm_core.link import LeaderLink, LinkError, WorkerLink
 from kvbm_core.logging import configure as configure_logging
-from kvbm_core.ops import BACKGROUND, LOADS, STORES, NO_REQUEST, Route, StepOps
+from kvbm_core.ops import BACKGROUND, LOADS, STORES, NO_REQUEST, OpResult, Route, StepOps
 from kvbm_core.registry import default_registry
 from kvbm_core.settings import KvbmSettings, resolve_settings
 from kvbm_core.trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker, SchedulerOutput
@@ -132,6 +145,31 @@ def _model_id(llm_args: Any) -> str:
     return str(getattr(llm_args, "model", "") or "")
 
 
+def _pins_finished_requests(llm_args: Any) -> bool:
+    """Whether the engine may write a freed block before ``start_load_kv`` (a partial-reuse copy)."""
+    kv = llm_args.kv_cache_config
+    return bool(getattr(kv, "enable_partial_reuse", False) and getattr(kv, "copy_on_partial_reuse", True))
+
+
+def _is_generation_only(request: Any) -> bool:
+    """A property on TRT-LLM's C++ request, a method on its Python subclass."""
+    flag = getattr(request, "is_generation_only_request", False)
+    return bool(flag() if callable(flag) else flag)
+
+
+def request_scope(request: Any) -> RequestScope:
+    """What besides the tokens separates this request's KV: its cache salt (the 1.3 string, else
+    the runtime's integer id, which 1.2 requests and every binding carry) and its LoRA adapter."""
+    salt = getattr(request, "cache_salt", None)
+    salt_id = getattr(request, "cache_salt_id", None)
+    lora = getattr(request, "lora_task_id", None)
+    return RequestScope(
+        cache_salt=None if salt is None else str(salt),
+        cache_salt_id=None if salt is not None or salt_id is None else int(salt_id),
+        lora_task_id=None if lora is None else int(lora),
+    )
+
+
 # ------------------------------------------------------------------------------------ leader
 class KvbmConnectorLeader(KvCacheConnectorScheduler):
     """Scheduler side (rank 0): matching, slot bookkeeping and per-step operations."""
@@ -154,9 +192,11 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         self._manager: Any = None
         self._pipeline: PipelineInfo | None = None
         self._ready = threading.Event()
+        self._pin_finished = _pins_finished_requests(llm_args)
         self._bypass: set[int] = set()
         self._channel = channel_for(llm_args)
         self._channel.leader = self
+        self._link: LeaderLink | None = None
         self._closed = False
         atexit.register(_close_weakly, weakref.ref(self))
         log.info("kvbm leader created", profile=self._resolved.profile, tiers=[t.kind for t in settings.tiers])
@@ -171,12 +211,15 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         if self._manager is None:
             from kvbm_core.leader import BlockManager
 
+            if self._world_size > 1:  # the other ranks' workers live in other processes
+                self._link = LeaderLink(self._channel.report)
             self._manager = BlockManager(
                 self._resolved.settings,
                 layout,
                 world_size=self._world_size,
                 model_id=_model_id(self._llm_args),
                 registry=self._registry,
+                link=self._link.address if self._link is not None else None,
             )
             config = self._manager.worker_config
             self._pipeline = PipelineInfo(self._resolved.settings, config.tiers, layout, self._world_size)
@@ -193,11 +236,15 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
     @property
     def stats(self) -> LeaderStats | None:
         """The block manager's accounting (blocks per route, hit rates, matched tokens), with every
-        operation result the workers reported so far applied; ``None`` until they registered."""
+        operation result the workers have finished so far applied; ``None`` until they registered."""
         if self._manager is None:
             return None
-        self._manager.apply_results(self._channel.drain())
-        return self._manager.stats
+        if self._link is not None:
+            try:
+                self._link.call(self._link.connected_ranks, "collect", (), timeout=30.0)
+            except LinkError as exc:
+                log.warning("could not collect every rank's results", error=str(exc))
+        return self._block_manager().stats
 
     def on_recovered(self, kind: str, slots: np.ndarray, keys: np.ndarray) -> None:
         if len(slots):
@@ -213,12 +260,13 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                     f"kvbm workers did not register their KV pool within {timeout:g} s "
                     "(DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS)"
                 )
+        self._channel.collect()
         self._manager.apply_results(self._channel.drain())
         return self._manager
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         request_id = int(request.request_id)
-        if getattr(request, "is_generation_only_request", False) or getattr(request, "multimodal_positions", None):
+        if _is_generation_only(request) or getattr(request, "multimodal_positions", None):
             self._bypass.add(request_id)
             log.info("request left to the engine (multimodal or generation-only)", request_id=request_id)
             return 0, False
@@ -227,7 +275,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
             request_id,
             list(request.get_tokens(0)),
             int(num_computed_tokens),
-            cache_salt=getattr(request, "cache_salt", None),
+            scope=request_scope(request),
         )
         if match.num_tokens <= 0:
             return 0, False
@@ -241,18 +289,22 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> StepOps:
         manager = self._block_manager()
         bypass = self._bypass
+        reports = [*scheduler_output.new_requests, *scheduler_output.cached_requests]
+        fresh = [block for report in reports for block in report.new_block_ids]  # bypassed ones too
         new = [r for r in scheduler_output.new_requests if r.request_id not in bypass]
         cached = [r for r in scheduler_output.cached_requests if r.request_id not in bypass]
-        return manager.schedule(new, cached)
+        return manager.schedule(new, cached, fresh_blocks=fresh)
 
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
+        """False: the engine may free the blocks now (see "Device blocks are never pinned")."""
         request_id = int(request.request_id)
         if request_id in self._bypass:
             self._bypass.discard(request_id)
             return False
         if self._manager is None:
             return False
-        return bool(self._block_manager().finish(request_id))
+        in_flight = self._block_manager().finish(request_id)
+        return self._pin_finished and in_flight
 
     # -- shutdown ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -262,6 +314,8 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         self._closed = True
         if self._pipeline is not None:
             self._registry.notify("kvbm_pipeline_closed", pipeline=self._pipeline)
+        if self._link is not None:
+            self._link.close()
         if self._channel.leader is self:
             self._channel.leader = None
         release_channel(self._llm_args)
@@ -285,10 +339,12 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._forward_end: tuple[int, torch.cuda.Event | None] = (-1, None)  # step, its forward-end event
         self._background_started_for = -1
         self._loads_started_for = -1
-        self._saving: set[int] = set()
+        self._saving: deque[int] = deque()  # pinned requests, in the order they finished
         self._loading: set[int] = set()
+        self._load_ops: set[int] = set()  # load op ids without a result yet
         self._failed_loads: dict[int, str] = {}
-        self._load_request: dict[int, int] = {}  # load op id -> request id, until its result
+        self._results_lock = threading.Lock()
+        self._link: WorkerLink | None = None
         self._closed = False
         atexit.register(_close_weakly, weakref.ref(self))
 
@@ -312,6 +368,10 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._tiers = build_tiers(config, self._layout, self._rank, device, self._registry)
         self._engine = TransferEngine(self._pool, self._layout, self._tiers, rank=self._rank)
         leader = self._channel.leader
+        if leader is None and config.link is not None:  # a rank in another process than the leader
+            self._link = WorkerLink(config.link, self._rank, self._on_leader_call)
+        else:
+            self._channel.add_collector(self._collect_results)
         if leader is not None and self._rank == 0:
             for allocation in config.tiers:
                 tier = self._tiers.get(allocation.level)
@@ -331,12 +391,9 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
                     raise RuntimeError(f"rank {self._rank} got operations before the kvbm worker config")
                 return
             self._setup(metadata.worker_config)
-        load_routes = {int(r) for r in LOADS}
-        for op_id, request_id, route in zip(
-            metadata.op_ids.tolist(), metadata.request_ids.tolist(), metadata.routes.tolist()
-        ):
-            if request_id != NO_REQUEST and route in load_routes:
-                self._load_request[op_id] = request_id
+        load_routes = {int(route) for route in LOADS}
+        self._load_ops.update(op for op, route in zip(metadata.op_ids.tolist(), metadata.routes.tolist())
+                              if route in load_routes)
 
     def _current_ops(self) -> StepOps | None:
         meta = self._metadata
@@ -348,10 +405,11 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         if ops is None or ops.step == self._loads_started_for:
             return
         self._loads_started_for = ops.step
+        compute = stream if self._pool is not None and self._pool.is_cuda else None
+        self._engine.order_engine_writes(ops.fresh_blocks, compute)
         loads = ops.select(LOADS)
         if not loads:
             return
-        compute = stream if self._pool is not None and self._pool.is_cuda else None
         host = [op for op in loads if op.route == Route.H2D]
         disk = [op for op in loads if op.route == Route.DISK2D]
         if host:
@@ -418,35 +476,64 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
     def get_finished(
         self, finished_gen_req_ids: list[int], started_loading_req_ids: list[int]
     ) -> tuple[list[int], list[int]]:
-        self._saving.update(int(r) for r in finished_gen_req_ids)
+        """Saves: at most one per call, the oldest, once this rank drained it (TensorRT-LLM 1.2
+        releases only the first request it is handed per call; every rank hands them in the same
+        order, so the requests every rank reported grow by at most one per call)."""
+        self._saving.extend(sorted(int(r) for r in finished_gen_req_ids))
         self._loading.update(int(r) for r in started_loading_req_ids)
-        if self._engine is None:
-            done_saving, self._saving = sorted(self._saving), set()
-            return done_saving, []
-        self._start_stores()
-        self._start_background()
-        self._collect_results()
+        if self._engine is not None:
+            self._start_stores()
+            self._start_background()
+            self._collect_results()
         if self._failed_loads:
             failed = dict(self._failed_loads)
             self._failed_loads.clear()
             self._loading.difference_update(failed)
             raise KvbmLoadError(failed, "; ".join(sorted(set(failed.values()))))
-        done_saving = sorted(r for r in self._saving if not self._engine.pending(r))
-        done_loading = sorted(r for r in self._loading if not self._engine.pending(r))
-        self._saving.difference_update(done_saving)
+        pending = self._engine.pending if self._engine is not None else (lambda request_id: False)
+        done_saving = [self._saving.popleft()] if self._saving and not pending(self._saving[0]) else []
+        done_loading = sorted(r for r in self._loading if not pending(r))
         self._loading.difference_update(done_loading)
         return done_saving, done_loading
 
     def _collect_results(self) -> None:
-        results = self._engine.poll()
-        if not results:
-            return
-        if self._rank == 0:
+        """This rank's finished operations go to the leader (through memory, or the link)."""
+        with self._results_lock:
+            results = self._engine.poll()
+            if not results:
+                return
+            self._report(results)
+            self._note_failed_loads(results)
+
+    def _report(self, results: list[OpResult]) -> None:
+        if self._link is not None:
+            self._link.send_results(results)
+        else:
             self._channel.report(results)
+
+    def _on_leader_call(self, method: str, args: tuple) -> Any:
+        """What the leader may ask of a rank in another process (see :mod:`kvbm_core.link`)."""
+        if method == "collect":
+            self._collect_results()
+            return None
+        raise ValueError(f"unknown call {method!r}")
+
+    def wait_until_idle(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until no operation of this rank is in flight, and report
+        every result to the leader; whether nothing is left in flight."""
+        if self._engine is None:
+            return True
+        with self._results_lock:
+            results = self._engine.drain(timeout)
+            self._report(results)
+            self._note_failed_loads(results)
+            return not self._engine.in_flight
+
+    def _note_failed_loads(self, results: list[OpResult]) -> None:
         for result in results:
-            request_id = self._load_request.pop(result.op_id, NO_REQUEST)
-            if not result.ok and request_id != NO_REQUEST:
-                self._failed_loads[request_id] = f"load operation {result.op_id} failed: {result.error}"
+            if not result.ok and result.request_id != NO_REQUEST and result.op_id in self._load_ops:
+                self._failed_loads[result.request_id] = f"load operation {result.op_id} failed: {result.error}"
+            self._load_ops.discard(result.op_id)
 
     # -- shutdown ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -455,9 +542,10 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
             return
         self._closed = True
         if self._engine is not None:
-            if self._rank == 0:
-                self._channel.report(self._engine.drain(timeout=30.0))
+            self._report(self._engine.drain(timeout=30.0))
             self._engine.close()
+        if self._link is not None:
+            self._link.close()
         for tier in self._tiers.values():
             tier.close()
 

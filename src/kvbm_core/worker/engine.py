@@ -11,12 +11,17 @@ DISK2D      I/O thread pool: file -> staging lane, verify, copy verified blocks 
 D2DISK      I/O thread pool: device -> staging lane (or GPUDirect), stamp, write
 ==========  ==========================================================================
 
-Every operation is one :class:`Ticket`. Tickets wait for earlier tickets touching the same slots
-(:mod:`kvbm_core.worker.hazards`): stream tickets wait host-side only for the moment the earlier
+Every operation is one :class:`Ticket`. Tickets wait for earlier tickets touching the same slots or
+device blocks (:mod:`kvbm_core.worker.hazards`): stream tickets wait host-side only for the moment the earlier
 ticket is *issued*, i.e. its copies are enqueued (the GPU-side wait is ``wait_event``); I/O
 tickets are submitted only once every ticket they wait for is issued, so pool threads never block
 on each other. A ticket is done when it is issued and its CUDA event (if any)
 has completed; :meth:`TransferEngine.poll` reports each done ticket once as an :class:`OpResult`.
+
+The engine's own writes: kvbm does not pin a finished request's device blocks, so a block a store
+still reads may be handed to another request. Before a step's forward pass,
+:meth:`TransferEngine.order_engine_writes` makes the compute stream wait (on CPU: the caller) for
+every operation of this rank still touching the blocks the engine handed out in that step.
 A failure (an exception, a block that fails verification, a read of a slot whose write failed, a
 blocking load that missed the forward pass) marks the op failed and is never counted as done.
 
@@ -98,7 +103,7 @@ class Ticket:
         ok[list(self.failed)] = False
         return ok
 
-    def result(self, bytes_per_block: int) -> OpResult:
+    def result(self, bytes_per_block: int, rank: int) -> OpResult:
         if self.timing is not None:
             seconds = self.timing[0].elapsed_time(self.timing[1]) / 1e3
         else:
@@ -107,6 +112,8 @@ class Ticket:
         return OpResult(
             op_id=self.op.op_id,
             ok=not self.failed,
+            rank=rank,
+            request_id=self.op.request_id,
             num_bytes=ok_blocks * bytes_per_block,
             seconds=max(seconds, 0.0),
             error=self.error,
@@ -174,6 +181,7 @@ class TransferEngine:
             raise ConfigError("tiers", f"disk tier {self.disk.name!r} does not implement BlockFileStorage")
         self._host_hz = SlotHazards(self.host.context.num_slots) if self.host is not None else None
         self._disk_hz = SlotHazards(self.disk.context.num_slots) if self.disk is not None else None
+        self._device_hz = SlotHazards(int(self.pool.shape[0]))
         self.copier = BlockCopier(self.device, copy_strategy)
 
         self._lock = threading.Lock()
@@ -220,6 +228,38 @@ class TransferEngine:
             if self._routed(op, BACKGROUND):
                 self._submit(op, None)
 
+    def order_engine_writes(self, blocks: np.ndarray, stream: torch.cuda.Stream | None) -> None:
+        """Make the engine's next writes to device ``blocks`` come after this rank's operations on them.
+
+        On CUDA the compute ``stream`` waits (GPU-side) for each such operation's copies; on CPU, or
+        for an operation run by I/O threads, the caller waits until it finished. Bounded by
+        ``wait_timeout_s``; an operation that does not finish in time is an error (the engine would
+        overwrite bytes a store still reads).
+        """
+        blocks = np.asarray(blocks, np.int64)
+        if not blocks.size:
+            return
+        hz = self._device_hz
+        with self._lock:
+            ids = np.unique(np.concatenate([hz.last_write[blocks], hz.last_stream_read[blocks],
+                                            hz.last_host_read[blocks]]))
+            tickets = [self._live[i] for i in ids.tolist() if i in self._live]
+        deadline = time.monotonic() + self.wait_timeout_s
+        for t in tickets:
+            if t.done():
+                continue
+            try:
+                t.issued.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise TimeoutError(f"operation {t.op.op_id} ({t.op.route.label}) still touches device blocks the "
+                                   f"engine is about to write after {self.wait_timeout_s:.0f} s") from None
+            if t.event is None:
+                continue
+            if stream is not None and self.cuda:
+                stream.wait_event(t.event)
+            else:
+                t.event.synchronize()
+
     def poll(self) -> list[OpResult]:
         """Operations that completed (ok or failed) since the last poll; never blocks."""
         with self._lock:
@@ -235,7 +275,13 @@ class TransferEngine:
                     group.remove(t)
                     if not group:
                         del self._by_request[t.op.request_id]
-        return [t.result(self.bpb) for t in finished]
+        return [t.result(self.bpb, self.rank) for t in finished]
+
+    @property
+    def in_flight(self) -> int:
+        """Operations submitted and not yet reported by :meth:`poll`."""
+        with self._lock:
+            return len(self._live)
 
     def pending(self, request_id: int) -> bool:
         """Whether an operation of ``request_id`` has not completed on this rank."""
@@ -328,16 +374,16 @@ class TransferEngine:
         return None
 
     def _register(self, route: Route, src: np.ndarray, dst: np.ndarray, tid: int) -> np.ndarray:
-        host, disk = self._host_hz, self._disk_hz
+        host, disk, device = self._host_hz, self._disk_hz, self._device_hz
         if route == Route.D2H:
-            return host.write(dst, tid)  # type: ignore[union-attr]
+            return np.union1d(device.read(src, tid, stream=True), host.write(dst, tid))  # type: ignore[union-attr]
         if route == Route.H2D:
-            return host.read(src, tid, stream=True)  # type: ignore[union-attr]
+            return np.union1d(host.read(src, tid, stream=True), device.write(dst, tid))  # type: ignore[union-attr]
         if route == Route.H2DISK:
             return np.union1d(host.read(src, tid, stream=False), disk.write(dst, tid))  # type: ignore[union-attr]
         if route == Route.DISK2D:
-            return disk.read(src, tid, stream=False)  # type: ignore[union-attr]
-        return disk.write(dst, tid)  # type: ignore[union-attr]
+            return np.union1d(disk.read(src, tid, stream=False), device.write(dst, tid))  # type: ignore[union-attr]
+        return np.union1d(device.read(src, tid, stream=False), disk.write(dst, tid))  # type: ignore[union-attr]
 
     def _when_issued(self, ticket: Ticket, deps: list[Ticket], start: Callable[[], None]) -> None:
         """Submit ``start`` to the I/O pool once every dependency is issued (callbacks, no waiting)."""

@@ -1,0 +1,80 @@
+"""kvbm inside TensorRT-LLM's own call sites, on both lines: what an external conformance run found.
+
+- Saves of many requests that finish in one iteration never leave device blocks pinned, even under
+  1.2's unpin loop that releases one request per poll.
+- Requests with different cache salts never share a block, whether the request object carries the
+  salt string (1.3) or only the runtime's integer id (1.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import executor_config
+
+from kvbm_core.testing import RequestSpec
+
+CPU = [{"kind": "cpu", "num_blocks": 512}]
+LINES = ["1.2", "1.3"]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+@pytest.mark.parametrize("line", LINES)
+def test_no_device_block_stays_pinned_when_64_requests_finish_together(kvbm_run, line, overlap):
+    rng = np.random.default_rng(7)
+    specs = [RequestSpec(rng.integers(1, 250, 40).tolist(), 1) for _ in range(64)]  # 64 prefills, one step
+    config = executor_config(trtllm=line, overlap_scheduler=overlap, max_batch_size=64, num_blocks=256,
+                             max_num_tokens=4096)
+    result = kvbm_run(specs, CPU, config=config)
+    result.assert_same_tokens()
+    assert result.kvbm.pinned_blocks == 0 and result.kvbm.pending_saves == ()
+    assert result.executor.kv_manager.num_available_blocks == config.num_blocks
+    assert result.stats.offload_blocks_d2h == 64 * 2  # every full block was still stored
+
+
+@pytest.mark.parametrize("line", LINES)
+def test_different_cache_salts_never_share_a_block(kvbm_run, line):
+    rng = np.random.default_rng(11)
+    prompt = rng.integers(1, 250, 120).tolist()
+    fillers = [RequestSpec(rng.integers(1, 250, 150).tolist(), 2, arrival_step=2 + i) for i in range(4)]
+    later = 20  # the fillers have evicted the first request's device blocks by then
+    specs = [
+        RequestSpec(prompt + [5], 2, cache_salt="tenant-a"),
+        *fillers,
+        RequestSpec(prompt + [6], 2, cache_salt="tenant-b", arrival_step=later),
+        RequestSpec(prompt + [7], 2, arrival_step=later + 1),
+        RequestSpec(prompt + [8], 2, cache_salt="tenant-a", arrival_step=later + 2),
+    ]
+    result = kvbm_run(specs, CPU, config=executor_config(trtllm=line))
+    result.assert_same_tokens()
+    first, *_, other_salt, no_salt, same_salt = result.kvbm.requests
+    assert first.connector_tokens == 0
+    assert other_salt.connector_tokens == 0 and other_salt.device_reused_tokens == 0
+    assert no_salt.connector_tokens == 0 and no_salt.device_reused_tokens == 0
+    assert same_salt.connector_tokens + same_salt.device_reused_tokens == 112  # 7 full blocks of 16
+
+
+def test_requests_with_another_lora_adapter_never_share_a_block(kvbm_run):
+    rng = np.random.default_rng(12)
+    prompt = rng.integers(1, 250, 120).tolist()
+    fillers = [RequestSpec(rng.integers(1, 250, 150).tolist(), 2, arrival_step=2 + i) for i in range(4)]
+    specs = [
+        RequestSpec(prompt + [5], 2),
+        *fillers,
+        RequestSpec(prompt + [6], 2, lora_task_id=7, arrival_step=20),
+        RequestSpec(prompt + [7], 2, arrival_step=21),
+    ]
+    result = kvbm_run(specs, CPU)
+    result.assert_same_tokens()
+    *_, adapter, plain = result.kvbm.requests
+    assert adapter.connector_tokens == 0 and adapter.device_reused_tokens == 0
+    assert plain.connector_tokens + plain.device_reused_tokens == 112
+
+
+def test_generation_only_requests_are_refused_by_tensorrt_llm_1_2_before_kvbm_sees_them(kvbm_run):
+    spec = RequestSpec(list(range(1, 60)), 2, generation_only=True)
+    with pytest.raises(RuntimeError, match="not supported for generation-only requests"):
+        kvbm_run([spec], CPU, config=replace(executor_config(), trtllm="1.2"))
