@@ -78,3 +78,18 @@ def test_generation_only_requests_are_refused_by_tensorrt_llm_1_2_before_kvbm_se
     spec = RequestSpec(list(range(1, 60)), 2, generation_only=True)
     with pytest.raises(RuntimeError, match="not supported for generation-only requests"):
         kvbm_run([spec], CPU, config=replace(executor_config(), trtllm="1.2"))
+
+
+@pytest.mark.parametrize("line", LINES)
+def test_with_partial_reuse_copies_pinned_saves_are_all_released_one_per_poll(kvbm_run, line):
+    """Partial reuse with copies makes kvbm pin finished requests; 1.2 releases one per poll, and kvbm
+    hands them back one at a time, so none is lost: a request that needs the whole pool gets it."""
+    rng = np.random.default_rng(9)
+    batch = [RequestSpec(rng.integers(1, 250, 40).tolist(), 1) for _ in range(32)]  # 3 blocks each
+    whole_pool = RequestSpec(rng.integers(1, 250, 96 * 16 - 8).tolist(), 1, arrival_step=3)
+    config = executor_config(trtllm=line, max_batch_size=32, num_blocks=96, max_num_tokens=4096,
+                             max_seq_len=96 * 16, enable_partial_reuse=True, idle_timeout_s=20.0)
+    result = kvbm_run([*batch, whole_pool], CPU, config=config)
+    result.assert_same_tokens()
+    assert result.kvbm.counters.async_saves > 0  # kvbm did pin (its stores were in flight)
+    assert result.stats.offload_blocks_d2h == 32 * 2 + (96 * 16 - 8) // 16
