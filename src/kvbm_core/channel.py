@@ -16,7 +16,6 @@ operations on a slot locally, so a lagging rank never sees a slot reused under i
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,17 +24,19 @@ import numpy as np
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
 from kvbm_core.link import LinkAddress
-from kvbm_core.ops import OpResult
-from kvbm_core.settings.model import KvbmSettings
+from kvbm_core.ops import Op, OpResult
+from kvbm_core.settings.model import KvbmSettings, TierSpec
 
 
 @dataclass(frozen=True)
 class TierAllocation:
-    """One tier as the leader sized it: which plugin, at which level, how many slots per rank."""
+    """One tier as the leader sized it: which plugin, at which level, how many slots per rank, and
+    its spec when the settings do not list it (the host staging tier of a disk-only pipeline)."""
 
     kind: str
     level: TierLevel
     num_slots: int
+    spec: TierSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -61,29 +62,33 @@ class LeaderEndpoint(Protocol):
     def on_recovered(self, kind: str, slots: np.ndarray, keys: np.ndarray) -> None: ...
 
 
+class WorkerEndpoint(Protocol):
+    """What the worker in the leader's process offers to the leader."""
+
+    def collect_results(self) -> None:
+        """Hand the operations that finished so far to :meth:`LocalChannel.report`."""
+
+    def stage(self, op: Op, timeout: float) -> OpResult:
+        """Run a staging operation now and return its result."""
+
+
 class LocalChannel:
     """One engine instance's in-process link. Results are queued; the leader drains them.
 
-    The worker in the leader's process registers a *collector* (it hands its finished operations to
-    :meth:`report`); the leader calls :meth:`collect` before it decides anything, so results of
-    copies that completed while the engine idled count at once.
+    The leader calls the worker of its process (``worker``) to collect results before it decides
+    anything, so copies that completed while the engine idled count at once, and to stage blocks.
     """
 
     def __init__(self) -> None:
         self.leader: LeaderEndpoint | None = None
+        self.worker: WorkerEndpoint | None = None
         self._lock = threading.Lock()
         self._results: list[OpResult] = []
-        self._collectors: list[Callable[[], None]] = []
-
-    def add_collector(self, collect: Callable[[], None]) -> None:
-        with self._lock:
-            self._collectors.append(collect)
 
     def collect(self) -> None:
-        with self._lock:
-            collectors = list(self._collectors)
-        for collect in collectors:
-            collect()
+        worker = self.worker
+        if worker is not None:
+            worker.collect_results()
 
     def report(self, results: list[OpResult]) -> None:
         """Called by rank 0's worker, or the link for other ranks, from any thread."""

@@ -83,7 +83,21 @@ class LeaderLink:
 
     def call(self, ranks: Iterable[int], method: str, args: tuple, timeout: float) -> dict[int, Any]:
         """Call ``method(*args)`` on each of ``ranks`` and wait for every answer (at most ``timeout``)."""
+        return self.wait(self.start_call(ranks, method, args), method, timeout)
+
+    def wait(self, pending: dict[int, Future[Any]], method: str, timeout: float) -> dict[int, Any]:
+        """The answers of :meth:`start_call`'s calls; :class:`LinkError` for one that failed or is late."""
         deadline = time.monotonic() + timeout
+        out: dict[int, Any] = {}
+        for rank, future in pending.items():
+            try:
+                out[rank] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                raise LinkError(f"rank {rank} did not answer {method} within {timeout:.1f} s") from None
+        return out
+
+    def start_call(self, ranks: Iterable[int], method: str, args: tuple) -> dict[int, Future[Any]]:
+        """Send ``method(*args)`` to each of ``ranks``; their answers arrive in the returned futures."""
         pending: dict[int, Future[Any]] = {}
         for rank in ranks:
             with self._lock:
@@ -96,13 +110,7 @@ class LeaderLink:
             else:
                 peer.send(("call", call_id, method, args), future)
             pending[rank] = future
-        out: dict[int, Any] = {}
-        for rank, future in pending.items():
-            try:
-                out[rank] = future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                raise LinkError(f"rank {rank} did not answer {method} within {timeout:.1f} s") from None
-        return out
+        return pending
 
     def close(self) -> None:
         self._closed.set()

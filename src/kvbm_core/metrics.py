@@ -11,9 +11,10 @@ Names are exactly Dynamo's, so its Grafana dashboard works unchanged:
 ``kvbm_matched_tokens``        tokens the tiers below the GPU matched (host + disk)
 ``kvbm_offload_blocks_d2h``    blocks offloaded device -> host (route ``d2h``)
 ``kvbm_offload_blocks_h2d``    blocks offloaded host -> **disk** (route ``h2disk``; Dynamo's name)
-``kvbm_offload_blocks_d2d``    blocks offloaded device -> disk (route ``d2disk``)
-``kvbm_onboard_blocks_h2d``    blocks onboarded host -> device (route ``h2d``)
-``kvbm_onboard_blocks_d2d``    blocks onboarded disk -> device (route ``disk2d``)
+``kvbm_offload_blocks_d2d``    blocks offloaded device -> disk (``d2disk``: blocks the host had
+                               no room for)
+``kvbm_onboard_blocks_h2d``    blocks onboarded from the host tier (route ``h2d``)
+``kvbm_onboard_blocks_d2d``    blocks onboarded from the disk tier (staged ``disk2h``, then copied)
 ``kvbm_host_cache_hit_rate``   host hits / blocks queried over the last N finished requests
 ``kvbm_disk_cache_hit_rate``   disk hits / blocks queried over the same window
 =============================  =================================================================
@@ -60,7 +61,7 @@ OFFLOAD_NAMES: Mapping[str, str] = {
 }
 ONBOARD_NAMES: Mapping[TierLevel, tuple[str, str]] = {
     TierLevel.HOST: (Route.H2D.label, "kvbm_onboard_blocks_h2d"),
-    TierLevel.DISK: (Route.DISK2D.label, "kvbm_onboard_blocks_d2d"),
+    TierLevel.DISK: (Route.DISK2H.label, "kvbm_onboard_blocks_d2d"),
 }
 
 log = get_logger("kvbm.metrics")

@@ -24,22 +24,29 @@ import numpy as np
 
 
 class Route(IntEnum):
-    """Where an operation moves bytes. ``LOADS`` run before the forward pass, ``STORES`` after it."""
+    """Where an operation moves bytes. ``LOADS`` run before the forward pass, ``STORES`` after it.
+
+    A block on disk reaches the device through the host: it is staged (read, verified) into a host
+    slot *before* it is promised to a request, so a promise never depends on bytes nobody has
+    checked. Offload goes through the host too, except for blocks the host has no room for at the
+    moment (every slot held or being written): those go straight to the disk.
+    """
 
     D2H = 0  # offload: device block -> host slot (write-through)
     H2D = 1  # onboard: host slot -> device block
     H2DISK = 2  # host slot -> disk slot, in the background, behind the admission filter
-    DISK2D = 3  # onboard: disk slot -> device block (host bounce buffers, or GDS)
-    D2DISK = 4  # offload: device block -> disk slot (disk-only profile)
+    DISK2H = 3  # stage: disk slot -> host slot, verified, at once on every rank, before a promise
+    D2DISK = 4  # offload: device block -> disk slot, for blocks the host has no room for
 
     @property
     def label(self) -> str:
         return self.name.lower()
 
 
-LOADS = frozenset({Route.H2D, Route.DISK2D})
+LOADS = frozenset({Route.H2D})
 STORES = frozenset({Route.D2H, Route.D2DISK})
 BACKGROUND = frozenset({Route.H2DISK})
+STAGING = frozenset({Route.DISK2H})
 NO_REQUEST = -1
 
 

@@ -43,8 +43,8 @@ def main(directory: str, turn: int) -> None:
         got == want for got, want, r in zip(result.tokens(), expected, result.requests) if not r.error
     )
     stats = executor.scheduler.stats
-    out["disk2d"] = stats.onboard_blocks_disk2d
-    out["d2disk"] = stats.offload_blocks_d2disk
+    out["staged"] = stats.staged_blocks_disk2h
+    out["to_disk"] = stats.offload_blocks_h2disk
     if out["errors"]:  # the same requests again: the blocks that failed were dropped, so they recompute
         again = executor.run(specs)
         out["again_errors"] = {i: r.error for i, r in enumerate(again.requests) if r.error}

@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import executor_config
+from conftest import executor_config, settle
 
 from kvbm_core.testing import RequestSpec
 
@@ -93,3 +93,60 @@ def test_with_partial_reuse_copies_pinned_saves_are_all_released_one_per_poll(kv
     result.assert_same_tokens()
     assert result.kvbm.counters.async_saves > 0  # kvbm did pin (its stores were in flight)
     assert result.stats.offload_blocks_d2h == 32 * 2 + (96 * 16 - 8) // 16
+
+
+def test_disk_blocks_corrupted_while_serving_are_never_promised(kvbm_run, tmp_path):
+    """Bits flipped in the disk file under a running engine: staging finds them before any promise,
+    the blocks leave the disk tier, the requests compute them, the engine serves on."""
+    tiny_host = [{"kind": "cpu", "num_blocks": 4}, {"kind": "disk", "num_blocks": 256}]
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 250, 100).tolist() for _ in range(3)]
+    fillers = [RequestSpec(rng.integers(1, 250, 150).tolist(), 2, arrival_step=i) for i in range(4)]
+    first = [RequestSpec(p + [1], 2) for p in prompts]
+    later = fillers + [RequestSpec(p + [2], 2, arrival_step=8) for p in prompts]
+    no_filter = {"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}
+    clean = kvbm_run(first + [replace(s, arrival_step=s.arrival_step + 3) for s in later], tiny_host, env=no_filter)
+    clean.assert_same_tokens()
+    assert clean.stats.staged_blocks_disk2h > 0  # the later requests do come back from the disk
+
+    for path in tmp_path.glob("kvbm-*-rank0.blocks"):
+        path.unlink()  # a fresh disk file for the run that gets corrupted
+    result = kvbm_run(first, tiny_host, env=no_filter)
+    executor = result.executor
+    (blocks_file,) = tmp_path.glob("kvbm-*-rank0.blocks")
+    data = np.memmap(blocks_file, dtype=np.uint8, mode="r+")
+    data[4096 + 1000 :: 4096 * 4] ^= 0x10  # one flipped byte in every record's data
+    data.flush()
+    del data
+    from kvbm_core.testing import ReferenceExecutor
+
+    expected = ReferenceExecutor(executor.config, model=executor.model).run(later).tokens()
+    again = executor.run(later)
+    settle(executor)
+    stats = executor.scheduler.stats
+    assert again.tokens() == expected and not any(r.error for r in again.requests)
+    assert stats.failed_ops > 0 and stats.staged_blocks_disk2h == 0  # every staging read failed its check
+    assert sum(r.connector_tokens for r in again.requests) == 0  # nothing from the disk was promised
+
+
+def test_a_host_tier_smaller_than_a_prompt_still_puts_the_whole_prefix_on_disk(kvbm_run):
+    """3 host slots in front of a disk, a 6-block prompt: the blocks the host has no room for go
+    straight to the disk, so the whole prefix is there; a later turn gets back as many as the host
+    can stage at once (a promise only ever covers verified host blocks)."""
+    from conftest import CONNECTOR
+    from kvbm_core.identity import block_keys
+    from kvbm_core.testing import ReferenceExecutor
+
+    rng = np.random.default_rng(6)
+    prompt = rng.integers(1, 250, 6 * 16 + 5).tolist()
+    fillers = [RequestSpec(rng.integers(1, 250, 150).tolist(), 2, arrival_step=2 + i) for i in range(4)]
+    tiers = [{"kind": "cpu", "num_blocks": 3}, {"kind": "disk", "num_blocks": 64}]
+    result = kvbm_run([RequestSpec(prompt, 1), *fillers], tiers, env={"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"})
+    result.assert_same_tokens()
+    manager = result.executor.scheduler._manager
+    assert (manager.disk.lookup(block_keys(manager.namespace, prompt)) >= 0).all()  # all 6 on disk
+    assert result.stats.offload_blocks_d2disk > 0
+    later = [RequestSpec(prompt + [7], 2)]
+    expected = ReferenceExecutor(result.executor.config, model=result.executor.model).run(later).tokens()
+    again = result.executor.run(later)
+    assert again.tokens() == expected and again.requests[0].connector_tokens == 3 * 16

@@ -1,5 +1,5 @@
 """The disk tier across process restarts: a new process serves what the previous one wrote, and a
-corrupted block is never served (the request that needed it fails with a clear error)."""
+corrupted block is never served (it is never promised: the request computes it)."""
 
 from __future__ import annotations
 
@@ -26,15 +26,15 @@ def engine_process(directory: Path, turn: int) -> dict:
 
 def test_restarted_process_serves_blocks_written_before(tmp_path):
     first = engine_process(tmp_path, 0)
-    assert first["same_tokens"] and first["d2disk"] > 0
+    assert first["same_tokens"] and first["to_disk"] > 0
     second = engine_process(tmp_path, 1)
     assert second["same_tokens"] and not second["errors"]
-    assert second["disk2d"] > 0  # turn 1 extends turn 0: its prefix came from the previous process's disk
+    assert second["staged"] > 0  # turn 1 extends turn 0: its prefix came from the previous process's disk
 
 
 def test_corrupted_disk_block_is_never_served(tmp_path):
     first = engine_process(tmp_path, 0)
-    assert first["same_tokens"] and first["d2disk"] > 0
+    assert first["same_tokens"] and first["to_disk"] > 0
     (blocks_file,) = tmp_path.glob("kvbm-*-rank0.blocks")
     record = record_bytes(BYTES_PER_BLOCK)
     size = blocks_file.stat().st_size
@@ -44,11 +44,5 @@ def test_corrupted_disk_block_is_never_served(tmp_path):
     data.flush()
     del data
     second = engine_process(tmp_path, 1)
-    assert second["same_tokens"]  # never a wrong token: every request that was served is right
-    assert second["errors"], second  # requests whose prefix sat in a corrupted block failed ...
-    assert all("checksum" in e for e in second["errors"].values()), second["errors"]
-    assert "4" not in second["errors"]  # ... alone: the newcomer served beside them is right
-    # The same requests again: a block that failed verification was dropped, so the requests that
-    # failed recompute it (other corrupted blocks are caught when they are first read).
-    assert not set(second["errors"]) & set(second["again_errors"]), second
-    assert second["again_same_tokens"]
+    assert second["same_tokens"] and not second["errors"], second  # nothing bad was promised...
+    assert second["staged"] == 0, second  # ...nor staged: every request computed its prefix

@@ -10,7 +10,7 @@ from kvbm_core.leader import BlockManager
 from kvbm_core.registry import Registry
 from kvbm_core.settings.model import KvbmSettings
 
-from .leader_setup import layout, settings
+from .leader_setup import Stager, layout, settings
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +21,10 @@ def registry() -> Registry:
 @pytest.fixture
 def make_bm(registry: Registry) -> Callable[..., BlockManager]:
     def make(s: KvbmSettings | None = None, *, tokens_per_block: int = 4, world_size: int = 1,
-             clock: Callable[[], float] | None = None, model_id: str = "test-model") -> BlockManager:
+             clock: Callable[[], float] | None = None, model_id: str = "test-model",
+             stager: Stager | None = None) -> BlockManager:
         kw = {"clock": clock} if clock is not None else {}
         return BlockManager(s or settings(), layout(tokens_per_block), world_size=world_size, model_id=model_id,
-                            registry=registry, **kw)
+                            registry=registry, stager=stager or Stager(world_size), **kw)
 
     return make

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from kvbm_core.layout import BlockLayout
+from kvbm_core.ops import Op, OpResult
 from kvbm_core.settings.model import KvbmSettings
 
 
@@ -27,3 +30,26 @@ def settings(host: int | None = 16, disk: int | None = None, *, disk_filter: boo
         **extra,
     }
     return KvbmSettings.model_validate(data)
+
+
+class Stager:
+    """Stands in for the workers of ``world_size`` ranks when the leader stages disk blocks: each
+    rank succeeds, except for the blocks named in ``bad`` (positions within an op, by rank)."""
+
+    def __init__(self, world_size: int = 1) -> None:
+        self.world_size = world_size
+        self.bad: dict[int, tuple[int, ...]] = {}
+        self.reachable = True
+        self.ops: list[Op] = []
+
+    def ready(self) -> bool:
+        return self.reachable
+
+    def run(self, op: Op, timeout: float) -> list[OpResult]:
+        self.ops.append(op)
+        out = []
+        for rank in range(self.world_size):
+            bad = tuple(b for b in self.bad.get(rank, ()) if b < op.num_blocks)
+            out.append(OpResult(op.op_id, not bad, rank=rank, num_bytes=100 * (op.num_blocks - len(bad)),
+                                seconds=1e-3, error="checksum mismatch" if bad else "", failed_blocks=bad))
+        return out

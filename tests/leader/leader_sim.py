@@ -2,10 +2,11 @@
 
 The engine side follows the connector contract's call order: device prefix match, then ``match``,
 ``allocated``, the scheduler output deltas (whole prompt and all prompt blocks in the first report,
-the connector's tokens subtracted from the first ``computed_position`` of a synchronous load, an
-asynchronously loaded request parked until its loads ran and then reported with the loaded tokens
-included), chunked prefill, decode with a new block id at each boundary, the overlap scheduler's
-lagging token reports, and ``finish`` for finished or cancelled requests.
+the connector's tokens subtracted from the first ``computed_position``: every kvbm load is
+synchronous), chunked prefill, decode with a new block id at each boundary, the overlap scheduler's
+lagging token reports, and ``finish`` for finished or cancelled requests. It also stages for the
+leader (``ready``/``stage``): disk blocks staged during ``match`` are copied slot to slot at once (some fail, as the
+scenario says).
 
 The worker side executes every operation on *symbolic* block contents: a device block or tier slot
 holds the identity of the KV it contains (salt plus the whole token prefix), or a taint marker when it
@@ -101,9 +102,24 @@ class Sim:
     def tier_of(self, route: Route, side: str) -> str:
         if route in (Route.D2H, Route.H2D):
             return "host"
-        if route in (Route.D2DISK, Route.DISK2D):
-            return "disk"
         return "host" if side == "src" else "disk"
+
+    # ------------------------------------------------------------------------------ stager
+    def ready(self) -> bool:
+        return True
+
+    def stage(self, op: Op, timeout: float) -> list[OpResult]:
+        """Stage disk slots into host slots now; a failed block leaves its host slot as it was."""
+        bad = ()
+        if self._fails(op):
+            bad = tuple(sorted(self.rng.sample(range(op.num_blocks), self.rng.randint(1, op.num_blocks))))
+        for i, (src, dst) in enumerate(zip(op.src.tolist(), op.dst.tolist())):
+            if i not in bad:
+                content = self.slots["disk"].get(src)
+                assert content is not None, f"staged disk slot {src}, which holds nothing"
+                self.slots["host"][dst] = content
+        return [OpResult(op.op_id, not bad, num_bytes=(op.num_blocks - len(bad)) * 1000, seconds=1e-4,
+                         error="injected staging failure" if bad else "", failed_blocks=bad)]
 
     # ------------------------------------------------------------------------------- device
     def _take_device(self, n: int) -> list[int] | None:
@@ -148,7 +164,6 @@ class Sim:
         m = self.bm.match(req.rid, req.prompt, device_tokens, scope=RequestScope(req.salt))
         assert m.num_tokens % tpb == 0
         assert m.num_tokens == (m.host_blocks + m.disk_blocks) * tpb
-        assert m.load_async == (m.disk_blocks > 0)
         if m.num_tokens:
             assert device_tokens % tpb == 0, "matched after a partial device reuse"
             assert device_tokens + m.num_tokens <= n - 1, "promised the whole prompt"
@@ -161,8 +176,8 @@ class Sim:
         req.promised = m.num_tokens
         req.computed = device_tokens + m.num_tokens
         req.admitted_at = self.step_no
-        req.sync_promise = m.num_tokens > 0 and not m.load_async
-        req.state = "parked" if m.load_async else "running"
+        req.sync_promise = m.num_tokens > 0
+        req.state = "running"
         return True
 
     def _report(self, req: SimRequest) -> RequestData:

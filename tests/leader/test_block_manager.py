@@ -14,7 +14,7 @@ from kvbm_core.leader import BlockManager, Match, RequestStateError, SlotState
 from kvbm_core.ops import LOADS, NO_REQUEST, STORES, OpResult, Route, StepOps
 from kvbm_core.registry import Registry
 
-from .leader_setup import layout
+from .leader_setup import Stager, layout
 from .leader_setup import settings as make_settings
 from .leader_sim import RequestData
 
@@ -34,8 +34,7 @@ def run_prefill(bm: BlockManager, rid: int, prompt: list[int], ids: list[int], *
                 apply: bool = True, finish: bool = True) -> tuple[Match, StepOps]:
     m = bm.match(rid, prompt, device_tokens)
     bm.allocated(rid, ids)
-    cp = device_tokens if not m.load_async else device_tokens + m.num_tokens
-    new = [RequestData(rid, prompt, ids, cp, len(prompt) - cp - (0 if m.load_async else m.num_tokens))]
+    new = [RequestData(rid, prompt, ids, device_tokens, len(prompt) - device_tokens - m.num_tokens)]
     ops = bm.schedule(new, [])
     if apply:
         bm.apply_results(ok(ops))
@@ -101,7 +100,7 @@ def captured():
 
     def make(s=None, **kw) -> BlockManager:
         return BlockManager(s or make_settings(), layout(TPB), world_size=1, model_id="test-model",
-                            registry=registry, **kw)
+                            registry=registry, stager=kw.pop("stager", Stager()), **kw)
 
     return make, capture
 
@@ -129,7 +128,7 @@ def test_full_blocks_are_written_through_and_become_matchable(make_bm):
     bm = make_bm()
     prompt = prompt_of(4 * 3 + 2)
     m, ops = run_prefill(bm, 1, prompt, [10, 11, 12, 13], apply=False, finish=False)
-    assert m == Match(0, 0, 0, False)
+    assert m == Match(0, 0, 0)
     (store,) = ops.select(STORES)
     assert store.route == Route.D2H and store.request_id == 1
     assert store.src.tolist() == [10, 11, 12]  # the partial fourth block is not stored
@@ -139,7 +138,7 @@ def test_full_blocks_are_written_through_and_become_matchable(make_bm):
     assert bm.finish(1) is True  # its store is in flight
     bm.apply_results(ok(ops))
     assert bm.num_requests == 0
-    assert bm.match(3, prompt, 0) == Match(12, 3, 0, False)
+    assert bm.match(3, prompt, 0) == Match(12, 3, 0)
     assert bm.stats.offload_blocks_d2h == 3
 
 
@@ -153,7 +152,7 @@ def test_never_the_whole_prompt_and_never_after_a_partial_device_prefix(make_bm)
     assert bm.match(3, prompt, 5).num_tokens == 0  # 5 device tokens: not block-aligned
     bm.finish(3)
     m = bm.match(4, prompt, 8)  # 2 device blocks: matching starts after them
-    assert m == Match(4, 1, 0, False)
+    assert m == Match(4, 1, 0)
     bm.finish(4)
     assert bm.match(5, prompt, 12).num_tokens == 0  # nothing left that may be promised
 
@@ -164,7 +163,7 @@ def test_sync_onboard_pairs_slots_with_device_ids_after_the_device_prefix(make_b
     run_prefill(bm, 1, prompt, [0, 1, 2, 3, 4, 5])
     keys = block_keys(bm.namespace, prompt)
     m = bm.match(2, prompt, 8)
-    assert m == Match(12, 3, 0, False)
+    assert m == Match(12, 3, 0)
     ids = [20, 21, 22, 23, 24, 25]
     bm.allocated(2, ids)
     # first report: computed_position excludes the promised tokens (it is the device prefix)
@@ -178,22 +177,52 @@ def test_sync_onboard_pairs_slots_with_device_ids_after_the_device_prefix(make_b
     assert bm.stats.onboard_blocks_h2d == 3 and not bm.host.holds.any()
 
 
-def test_async_disk_load_goes_out_while_the_request_is_parked(make_bm):
-    bm = make_bm(make_settings(None, 32))  # disk only
+def test_disk_blocks_are_staged_into_the_host_before_they_are_promised(make_bm):
+    stager = Stager()
+    bm = make_bm(make_settings(4, 32, disk_filter=False), stager=stager)
     prompt = prompt_of(4 * 6 + 3)
-    _, ops = run_prefill(bm, 1, prompt, list(range(7)))
-    assert [op.route for op in ops] == [Route.D2DISK]
+    keys = block_keys(bm.namespace, prompt)
+    run_prefill(bm, 1, prompt, list(range(7)))
+    drain(bm)  # every block reached the disk; the host (4 slots) kept the last ones
+    run_prefill(bm, 9, prompt_of(4 * 4 + 1, 9000), list(range(20, 25)))  # pushes them out of the host
+    drain(bm)
+    assert not bm.host.matchable(bm.host.lookup(keys)).any()
     m = bm.match(2, prompt, 0)
-    assert m == Match(24, 0, 6, True)
+    (op,) = stager.ops
+    assert op.route == Route.DISK2H and op.num_blocks == 4  # as many as the host has room for
+    assert m == Match(16, 0, 4) and bm.stats.staged_blocks_disk2h == 4
+    assert (bm.host.keys[bm.host.lookup(keys[:4])] == keys[:4]).all()  # now host blocks, held
     bm.allocated(2, list(range(10, 17)))
-    ops = bm.schedule([], [])  # parked: not in the scheduler output, its loads go out anyway
+    ops = bm.schedule([RequestData(2, prompt, list(range(10, 17)), 0, len(prompt) - 16)], [])
     (load,) = ops.select(LOADS)
-    assert load.route == Route.DISK2D and load.request_id == 2 and load.dst.tolist() == list(range(10, 16))
+    assert load.route == Route.H2D and load.dst.tolist() == [10, 11, 12, 13]
     bm.apply_results(ok(ops))
-    # back from the load: first report with computed_position including the loaded tokens
-    ops = bm.schedule([RequestData(2, prompt, list(range(10, 17)), 24, 3)], [])
-    assert len(ops) == 0
-    assert bm.stats.onboard_blocks_disk2d == 6
+    assert bm.stats.onboard_blocks_h2d == 4
+
+
+def test_a_block_that_fails_staging_on_any_rank_is_dropped_and_never_promised(make_bm):
+    stager = Stager(world_size=2)
+    stager.bad = {1: (2,)}  # rank 1 finds the third block bad
+    bm = make_bm(make_settings(8, 32, disk_filter=False), world_size=2, stager=stager)
+    prompt = prompt_of(4 * 6 + 3)
+    keys = block_keys(bm.namespace, prompt)
+    bm.recovered("disk", np.arange(6), keys)  # on disk only
+    m = bm.match(1, prompt, 0)
+    assert m == Match(8, 0, 2)  # the promise stops before the bad block
+    assert bm.disk.lookup(keys[2:3])[0] == -1  # gone from the disk
+    assert bm.host.matchable(bm.host.lookup(keys[3:6])).all()  # the others were staged all the same
+    bm.finish(1)
+    bm.verify()
+
+
+def test_nothing_below_the_host_is_promised_when_a_rank_cannot_be_reached(make_bm):
+    stager = Stager()
+    stager.reachable = False
+    bm = make_bm(make_settings(8, 32), stager=stager)
+    prompt = prompt_of(4 * 3 + 1)
+    bm.recovered("disk", np.arange(3), block_keys(bm.namespace, prompt))
+    assert bm.match(1, prompt, 0) == Match(0, 0, 0) and not stager.ops
+    bm.finish(1)
 
 
 def test_chunked_prefill_stores_each_chunk_after_it_is_computed(make_bm):
@@ -264,7 +293,7 @@ def test_cpu_only_pipeline_offloads_device_to_host_only(make_bm):
         run_prefill(bm, rid, prompt_of(4 * 4 + 1), list(range(5)))
     routes = {op.route for ops in drain(bm) for op in ops}
     assert routes <= {Route.D2H, Route.H2D}
-    assert bm.stats.blocks[Route.H2DISK] == bm.stats.blocks[Route.D2DISK] == 0
+    assert bm.stats.blocks[Route.H2DISK] == bm.stats.blocks[Route.DISK2H] == 0
     assert bm.stats.offload_blocks_d2h == 4 and bm.stats.onboard_blocks_h2d == 8
 
 
@@ -312,12 +341,16 @@ def test_filter_off_sends_every_host_block_to_disk(make_bm):
     assert routes == [Route.H2DISK] and bm.stats.offload_blocks_h2disk == 3
 
 
-def test_disk_only_pipeline_offloads_device_to_disk(make_bm):
+def test_disk_only_pipeline_stores_through_a_staging_host_tier(make_bm):
     bm = make_bm(make_settings(None, 16))
+    (staging, disk) = bm.worker_config.tiers
+    assert (staging.kind, staging.level, disk.kind) == ("cpu", TierLevel.HOST, "disk")
+    assert staging.spec is not None and 1 <= staging.num_slots <= 16  # not listed in the settings
     _, ops = run_prefill(bm, 1, prompt_of(4 * 3 + 1), list(range(4)))
-    assert [op.route for op in ops] == [Route.D2DISK]
-    assert bm.stats.offload_blocks_d2disk == 3 and bm.stats.offload_blocks_d2h == 0
-    assert not [op for ops in drain(bm) for op in ops]
+    assert [op.route for op in ops] == [Route.D2H]
+    (h2disk,) = [op for ops in drain(bm) for op in ops]  # no filter: every block goes on to disk
+    assert h2disk.route == Route.H2DISK and h2disk.num_blocks == 3
+    assert bm.stats.offload_blocks_d2h == bm.stats.offload_blocks_h2disk == 3
 
 
 # -------------------------------------------------------------------------------------- failures
@@ -500,11 +533,12 @@ def test_recovered_disk_blocks_are_matchable(captured):
     prompt = prompt_of(4 * 3 + 1)
     keys = block_keys(bm.namespace, prompt)
     bm.recovered("disk", np.array([7, 8, 9]), keys)
-    assert bm.match(1, prompt, 0) == Match(12, 0, 3, True)
-    (stored,) = capture.of("stored")
-    assert stored[1:3] == ("disk", "restored") and not stored[4].any()
-    with pytest.raises(Exception, match="cpu"):
-        bm.recovered("cpu", np.array([1]), keys[:1])
+    assert bm.match(1, prompt, 0) == Match(12, 0, 3)
+    restored, staged = capture.of("stored")
+    assert restored[1:3] == ("disk", "restored") and not restored[4].any()
+    assert staged[1:3] == ("cpu", "disk2h") and np.array_equal(staged[3], keys)
+    with pytest.raises(Exception, match="gds"):
+        bm.recovered("gds", np.array([1]), keys[:1])
 
 
 # --------------------------------------------------------------------------------- events and stats

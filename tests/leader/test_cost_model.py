@@ -94,25 +94,24 @@ def prefill(bm, rid, prompt, device_ids):
 def test_manager_rejects_a_slow_disk_tier_and_uses_a_fast_one(make_bm):
     prompt = list(range(4 * 10 + 1))
     for disk_gbps, expected in ((1e-6, 0), (1e6, 40)):
-        s = make_settings(None, 32, cost=True, cost_model={"enabled": True, "bandwidth_gbps": {"disk": disk_gbps}})
+        s = make_settings(16, 32, cost=True, cost_model={"enabled": True, "bandwidth_gbps": {"disk": disk_gbps}})
         bm = make_bm(s)
-        prefill(bm, 1, prompt, list(range(11)))
+        bm.recovered("disk", np.arange(10), block_keys(bm.namespace, prompt))  # on disk only
         m = bm.match(2, prompt, 0)
         assert m.num_tokens == expected and m.disk_blocks * 4 == expected
-        assert m.load_async == bool(expected)
         bm.finish(2)
 
 
 def test_manager_keeps_host_blocks_and_drops_the_slow_disk_tail(make_bm):
     prompt = list(range(4 * 12 + 1))
-    for disk_gbps, expected in ((1e-6, (4, 0, False)), (1e6, (4, 8, True))):
-        s = make_settings(8, 64, cost_model={"enabled": True, "bandwidth_gbps": {"disk": disk_gbps}})
+    for disk_gbps, expected in ((1e-6, (4, 0)), (1e6, (4, 8))):
+        s = make_settings(16, 64, cost_model={"enabled": True, "bandwidth_gbps": {"disk": disk_gbps}})
         bm = make_bm(s)
         prefill(bm, 1, prompt[:17], list(range(5)))  # the first 4 blocks in the host
         keys = block_keys(bm.namespace, prompt)
         bm.recovered("disk", np.arange(12, 24), keys)  # the whole prompt on disk (found at start)
         m = bm.match(2, prompt, 0)
-        assert (m.host_blocks, m.disk_blocks, m.load_async) == expected
+        assert (m.host_blocks, m.disk_blocks) == expected
         bm.finish(2)
         bm.verify()
 

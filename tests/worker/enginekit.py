@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,7 @@ import torch
 from kvbm_core.channel import TierAllocation, WorkerConfig
 from kvbm_core.interfaces import StorageTier, TierLevel
 from kvbm_core.layout import BlockLayout
-from kvbm_core.ops import BACKGROUND, LOADS, STORES, Route, StepOps
+from kvbm_core.ops import BACKGROUND, LOADS, STAGING, STORES, Op, OpResult, Route, StepOps
 from kvbm_core.registry import default_registry
 from kvbm_core.settings.model import DiskSettings, KvbmSettings, TierSpec
 from kvbm_core.worker import TransferEngine, build_tiers
@@ -25,18 +25,27 @@ class Rig:
     engine: TransferEngine
     pool: torch.Tensor  # the engine's pool as [blocks, bytes_per_block] uint8
     tiers: dict[TierLevel, StorageTier]
+    staged: list[OpResult] = field(default_factory=list)  # results of staging ops run by run()
 
     def close(self) -> None:
         self.engine.close()
         for tier in self.tiers.values():
             tier.close()
 
-    def run(self, step: int, ops: list[tuple], blocking: bool = True) -> None:
-        """Submit ``(op_id, route, request_id, src, dst, keys)`` tuples through the right entry point."""
+    def run(self, step: int, ops: list[tuple]) -> dict[int, str]:
+        """Submit ``(op_id, route, request_id, src, dst, keys)`` tuples through the right entry point
+        (staging ops are run at once: see :meth:`stage`); returns the loads that failed."""
         packed = StepOps.build(step, ops)
         self.engine.start_stores(packed.select(STORES), None)
         self.engine.start_background(packed.select(BACKGROUND))
-        self.engine.start_loads(packed.select(LOADS), None, blocking=blocking)
+        for op in packed.select(STAGING):
+            self.staged.append(self.engine.run_now(op, timeout=30.0))
+        return self.engine.start_loads(packed.select(LOADS), None)
+
+    def stage(self, op_id: int, src, dst, keys) -> OpResult:
+        """Stage disk slots ``src`` into host slots ``dst`` now, as the leader asks every rank to."""
+        op = Op(op_id, Route.DISK2H, -1, np.asarray(src, np.int64), np.asarray(dst, np.int64), np.asarray(keys))
+        return self.engine.run_now(op, timeout=30.0)
 
 
 def make_rig(directory: Path, *, host_slots: int = 32, disk_slots: int = 32, device_blocks: int = 64,

@@ -1,10 +1,11 @@
 """Operations on overlapping slots, submitted at once, behave as if run one by one in order.
 
 A sequential model tracks which content each host and disk slot holds after every operation; the
-engine runs the same operations concurrently (stores, background writes, non-blocking loads, all in
-flight together, on several threads). Every load must deliver exactly the content the model says
-its slot held at that point, and the slots must end as the model ends. A store overwriting a slot
-that an earlier load or disk write is still reading would show up as wrong bytes.
+engine runs the same operations concurrently (stores and background disk writes in flight together,
+on several threads, loads and staging reads issued on top of them). Every load must deliver exactly
+the content the model says its slot held at that point, and the slots must end as the model ends. A
+store overwriting a slot that an earlier load or disk write is still reading would show up as wrong
+bytes.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from enginekit import keys_for, make_rig, random_rows
 
 HOST_SLOTS, DISK_SLOTS, SOURCES = 4, 4, 6
 
+ROUTES = ["d2h", "d2disk", "h2d", "h2disk", "disk2h"]
 op_strategy = st.tuples(
-    st.sampled_from(["d2h", "h2d", "h2disk", "disk2d", "d2disk"]),
+    st.sampled_from(ROUTES),
     st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True),  # tier slots touched
-    st.lists(st.integers(0, 3), min_size=3, max_size=3, unique=True),  # the other side's slots (h2disk)
+    st.lists(st.integers(0, 3), min_size=3, max_size=3, unique=True),  # the other tier's slots
     st.integers(0, SOURCES - 1),
 )
 
@@ -46,35 +48,34 @@ def _simulate_and_run(tmp_path: Path, program: list, io_threads: int) -> None:
     for op_id, (route, slots, others, src) in enumerate(program):
         slots = np.array(slots)
         sources = (src + np.arange(len(slots))) % SOURCES
-        if route == "d2h":
-            rig.run(op_id, [(op_id, _r("D2H"), op_id, sources, slots, keys_for(sources))])
+        if route in ("d2h", "d2disk"):
+            rig.run(op_id, [(op_id, _r(route.upper()), op_id, sources, slots, keys_for(sources))])
             for s, c in zip(slots, sources):
-                host[s] = int(c)
-        elif route == "d2disk":
-            rig.run(op_id, [(op_id, _r("D2DISK"), op_id, sources, slots, keys_for(sources))])
-            for s, c in zip(slots, sources):
-                disk[s] = int(c)
-        elif route == "h2disk":
-            slots = np.array([s for s in slots if host[s] is not None])
+                (host if route == "d2h" else disk)[s] = int(c)
+        elif route in ("h2disk", "disk2h"):
+            source, target = (host, disk) if route == "h2disk" else (disk, host)
+            slots = np.array([s for s in slots if source[s] is not None])
             if not len(slots):
                 continue
             dst = np.array(others[: len(slots)])
-            held = [host[s] for s in slots]
-            rig.run(op_id, [(op_id, _r("H2DISK"), op_id, slots, dst, keys_for(np.array(held)))])
+            held = [source[s] for s in slots]
+            if route == "h2disk":
+                rig.run(op_id, [(op_id, _r("H2DISK"), op_id, slots, dst, keys_for(np.array(held)))])
+            else:  # staged at once, on top of whatever is still in flight
+                assert rig.stage(op_id, slots, dst, keys_for(np.array(held))).ok
             for d, c in zip(dst, held):
-                disk[d] = c
+                target[d] = c
         else:
-            table = host if route == "h2d" else disk
-            slots = np.array([s for s in slots if table[s] is not None])
+            slots = np.array([s for s in slots if host[s] is not None])
             if not len(slots):
                 continue
-            held = [table[s] for s in slots]
+            held = [host[s] for s in slots]
             targets = np.arange(next_target, next_target + len(slots))  # fresh, zero device blocks
             next_target += len(slots)
-            rig.run(op_id, [(op_id, _r("H2D" if route == "h2d" else "DISK2D"), op_id, slots, targets,
-                             keys_for(np.array(held)))], blocking=False)
+            assert not rig.run(op_id, [(op_id, _r("H2D"), op_id, slots, targets, keys_for(np.array(held)))])
             expected_loads[op_id] = (targets, held)
-        submitted += 1
+        if route != "disk2h":
+            submitted += 1
     results = rig.engine.drain(60)
     assert len(results) == submitted and all(r.ok for r in results), [r for r in results if not r.ok]
     for targets, held in expected_loads.values():
@@ -83,13 +84,10 @@ def _simulate_and_run(tmp_path: Path, program: list, io_threads: int) -> None:
     for s, c in enumerate(host):
         if c is not None:
             assert torch.equal(host_pool[s], content[c]), f"host slot {s}"
-    final = [(s, c) for s, c in enumerate(disk) if c is not None]
-    if final:
-        targets = np.arange(next_target, next_target + len(final))
-        rig.run(999, [(999, _r("DISK2D"), 0, np.array([s for s, _ in final]), targets,
-                       keys_for(np.array([c for _, c in final])))], blocking=True)
-        assert all(r.ok for r in rig.engine.drain(30))
-        assert torch.equal(rig.pool[targets], content[[c for _, c in final]])
+    for s, c in enumerate(disk):  # what every disk slot holds, staged back into host slot 0
+        if c is not None:
+            assert rig.stage(10_000 + s, [s], [0], keys_for(np.array([c]))).ok
+            assert torch.equal(host_pool[0], content[c]), f"disk slot {s}"
     rig.close()
 
 
@@ -106,9 +104,8 @@ def test_concurrent_operations_match_the_sequential_model(tmp_path_factory, prog
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_long_random_programs_with_many_threads(tmp_path: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    routes = ["d2h", "h2d", "h2disk", "disk2d", "d2disk"]
     program = [
-        (routes[rng.integers(5)], list(rng.choice(4, size=rng.integers(1, 4), replace=False)),
+        (ROUTES[rng.integers(len(ROUTES))], list(rng.choice(4, size=rng.integers(1, 4), replace=False)),
          list(rng.choice(4, size=3, replace=False)), int(rng.integers(SOURCES)))
         for _ in range(150)
     ]

@@ -5,7 +5,8 @@ Dynamo promises every disk hit, yet on the measured machine 16k tokens of Llama-
 
 - loading ``n_t`` blocks from tier ``t`` costs ``fixed_overhead_s + n_t * bytes_per_block / bw_t``
   (the overhead once per tier that contributes); the tiers' times add up (a conservative bound:
-  the engine waits for all of them);
+  the engine waits for all of them). A block below the host tier also pays the host -> device copy
+  (it is staged into the host first);
 - recomputing ``k`` blocks costs ``k * tokens_per_block / prefill_tokens_per_s``.
 
 Over the matched run (host and disk blocks in prompt order) the promise is the prefix length ``k``
@@ -35,12 +36,13 @@ class CostModel:
     """Predicts onboard time per tier and chooses how much of a match to promise."""
 
     def __init__(self, settings: CostModelSettings, bytes_per_block: int, tokens_per_block: int,
-                 default_gbps: Mapping[str, float]) -> None:
+                 default_gbps: Mapping[str, float], host_kind: str | None = None) -> None:
         self.enabled = settings.enabled
         self.prefill_tokens_per_s = settings.prefill_tokens_per_s
         self.fixed_overhead_s = settings.fixed_overhead_s
         self.bytes_per_block = bytes_per_block
         self.tokens_per_block = tokens_per_block
+        self.host_kind = host_kind
         self._gbps = {kind: float(settings.bandwidth_gbps.get(kind, gbps)) for kind, gbps in default_gbps.items()}
 
     def bandwidth_gbps(self, kind: str) -> float:
@@ -70,7 +72,10 @@ class CostModel:
         return n if n * per_block - self.fixed_overhead_s > 0 else 0
 
     def _seconds_per_block(self, kind: str) -> float:
-        return self.bytes_per_block / (self._gbps[kind] * 1e9)
+        own = self.bytes_per_block / (self._gbps[kind] * 1e9)
+        if self.host_kind is None or kind == self.host_kind:
+            return own
+        return own + self.bytes_per_block / (self._gbps[self.host_kind] * 1e9)  # staged, then copied
 
     def recompute_seconds(self, num_blocks: int) -> float:
         return num_blocks * self.tokens_per_block / self.prefill_tokens_per_s

@@ -2,14 +2,16 @@
 
 A host block is *offered* (the block manager decides when: every completed host store, every skipped
 duplicate host store, every host hit) unless the disk already holds or writes it; the disk
-admission filter (``frequency`` by default; none when disabled) answers per block, and admitted
-blocks wait here as keys. Each step, up to :data:`MAX_IN_FLIGHT` blocks of copies are in flight:
-a queued block still being written to the host waits for a later step; one evicted from the host
-meanwhile, or already on disk, is dropped. A copy holds its host slot (read) and writes a disk slot
-(``WRITING``) until its result; a copy whose host slot was found bad meanwhile is not kept.
+admission filter (``frequency`` by default; none when disabled) answers per block. An admitted block
+is queued, oldest first, and **held** in the host until it reached the disk: a block on its way to
+the disk is never evicted first (a host tier smaller than a prompt still fills the disk with the
+whole prefix; the leader's stores wait meanwhile). A block offered while its host write is still
+in flight is not queued: its store offers it again when it completes.
 
-The queue holds unique keys, oldest first, at most the host tier's slot count (nothing older can
-still be in the host).
+Each step, up to :data:`MAX_IN_FLIGHT` blocks of copies are planned; a queued block's hold passes to
+its copy, which releases it with its result. A copy writes a disk slot (``WRITING``) until then; a
+copy whose host slot was found bad meanwhile is not kept. A block the disk has no free slot for yet
+stays queued; one found bad or already on disk leaves the queue.
 """
 
 from __future__ import annotations
@@ -35,24 +37,38 @@ class DiskOffloader:
         self.disk = disk
         self.admission = admission
         self.in_flight = 0
-        self._queue: OrderedDict[tuple[int, int], None] = OrderedDict()
-        self._capacity = max(host.num_slots, 1)
+        self._queue: OrderedDict[tuple[int, int], int] = OrderedDict()  # key -> its held host slot
 
     def __len__(self) -> int:
         return len(self._queue)
 
+    def queued_slots(self) -> np.ndarray:
+        """Host slots the queue holds (one hold each)."""
+        return np.fromiter(self._queue.values(), np.int64, len(self._queue))
+
     def offer(self, keys: np.ndarray) -> None:
-        """Host blocks seen again (see the module docstring); admitted ones are queued."""
+        """Host blocks seen again (see the module docstring); admitted ones are held and queued."""
         if not len(keys):
             return
         keys = keys[self.disk.lookup(keys) == ABSENT]
         if len(keys) and self.admission is not None:
             keys = keys[np.asarray(self.admission.admit(keys), bool)]
-        self._push(keys)
+        if not len(keys):
+            return
+        slots = self.host.lookup(keys)
+        readable = self.host.matchable(slots)
+        queue = self._queue
+        new: list[int] = []
+        for i, (k0, k1) in enumerate(keys.tolist()):
+            if readable[i] and (k0, k1) not in queue:
+                queue[(k0, k1)] = int(slots[i])
+                new.append(int(slots[i]))
+        if new:
+            self.host.hold(np.array(new, np.int64))
 
     def plan(self, on_evicted: Callable[[TierState, np.ndarray, np.ndarray], None]
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-        """Claim slots for the next copies: ``(host slots, disk slots, keys, seq hashes)`` or None.
+        """Claim disk slots for the next copies: ``(host slots, disk slots, keys, seq hashes)`` or None.
 
         ``on_evicted`` hears of disk blocks evicted to make room.
         """
@@ -60,27 +76,23 @@ class DiskOffloader:
         if room <= 0 or not self._queue:
             return None
         host, disk = self.host, self.disk
-        keys = self._take(room)
-        src = host.lookup(keys)
-        in_host = src >= 0
-        writing = np.zeros(len(keys), bool)
-        writing[in_host] = host.state[src[in_host]] == SlotState.WRITING
-        self._push(keys[writing])  # not readable yet: retry in a later step
-        readable = host.matchable(src)
-        readable[readable] = disk.lookup(keys[readable]) == ABSENT
-        rows = np.flatnonzero(readable)
-        if not len(rows):
+        keys, src = self._take(room)
+        keep = (host.state[src] == SlotState.HELD) & (disk.lookup(keys) == ABSENT)  # not found bad, not there
+        if not keep.all():
+            host.release(src[~keep])
+            keys, src = keys[keep], src[keep]
+        if not len(keys):
             return None
-        slots, ev_keys, ev_seq = disk.allocate(len(rows))
+        slots, ev_keys, ev_seq = disk.allocate(len(keys))
         on_evicted(disk, ev_keys, ev_seq)
-        rows = rows[: len(slots)]
-        if not len(rows):
+        if len(slots) < len(keys):  # the disk is busy: the rest stay queued (and held), first in line
+            self._return(keys[len(slots):], src[len(slots):])
+            keys, src = keys[: len(slots)], src[: len(slots)]
+        if not len(keys):
             return None
-        src, keys = src[rows], keys[rows]
         seq = host.seq[src].copy()
-        host.hold(src)
         disk.begin_write(slots, keys, seq, host.priority[src])
-        self.in_flight += len(rows)
+        self.in_flight += len(keys)
         return src, slots, keys, seq
 
     def done(self, src: np.ndarray, dst: np.ndarray, failed: bool) -> np.ndarray:
@@ -97,14 +109,14 @@ class DiskOffloader:
             self.disk.complete_write(dst[good])
         return good
 
-    def _push(self, keys: np.ndarray) -> None:
+    def _take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         queue = self._queue
-        for k0, k1 in keys.tolist():
-            queue[(k0, k1)] = None
-        while len(queue) > self._capacity:
-            queue.popitem(last=False)
+        taken = [queue.popitem(last=False) for _ in range(min(n, len(queue)))]
+        keys = np.array([k for k, _ in taken], np.uint64).reshape(-1, 2)
+        return keys, np.array([s for _, s in taken], np.int64)
 
-    def _take(self, n: int) -> np.ndarray:
+    def _return(self, keys: np.ndarray, slots: np.ndarray) -> None:
         queue = self._queue
-        out = [queue.popitem(last=False)[0] for _ in range(min(n, len(queue)))]
-        return np.array(out, np.uint64).reshape(-1, 2)
+        for (k0, k1), slot in zip(keys.tolist()[::-1], slots.tolist()[::-1]):
+            queue[(k0, k1)] = slot
+            queue.move_to_end((k0, k1), last=False)

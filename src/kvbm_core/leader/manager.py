@@ -16,20 +16,29 @@ Choices:
   lacks one, in the disk tier; it stops at the first block in neither. At most
   ``floor((prompt_len - 1) / tokens_per_block)`` blocks in total (device ones included) are
   promised, so the engine always computes at least one token. The run is then cut by the cost
-  model (:mod:`~kvbm_core.leader.cost_model`). Promised slots are held until their load's result.
-  ``load_async`` is True exactly when disk blocks are promised.
+  model (:mod:`~kvbm_core.leader.cost_model`).
+- **Staging before promising.** Disk blocks of the run are read into host slots and verified on
+  every rank *before* the answer (``DISK2H``, run at once through the stager the connector gives):
+  a promise only ever covers host blocks. A block that fails verification on any rank is dropped
+  from the disk and the promise stops before it (the engine computes it); a stager that is not
+  ready (a rank not connected yet) or does not answer in time promises only what precedes the
+  first disk block. So a promised load cannot fail for bad bytes, on any TensorRT-LLM line, and
+  every load is synchronous (``load_async`` is always False): TensorRT-LLM has no way to take back
+  a promise, and a request it failed would leave unloaded blocks in its own reuse tree.
 - **Onboarding.** ``allocated`` pairs the promised blocks with the device ids from index
-  ``device_blocks`` on; their ``H2D``/``DISK2D`` operations go out in the next :meth:`schedule`,
-  whether or not the engine scheduled the request (asynchronous loads park it).
+  ``device_blocks`` on; their ``H2D`` operation goes out in the next :meth:`schedule`. Promised
+  slots are held until its result.
 - **Offload.** Each step, every block that becomes full in that step's forward and was neither
   device-reused nor onboarded is a candidate (a per-request cursor). With
   ``host_offload_prefix_min_priority > 0`` only the leading run of candidates whose retention
   priority (``RequestData.priorities``, 35 where absent) reaches the threshold is offloaded, and
   offload stops for the rest of the request at the first lower one. Candidates go device -> host
-  (write-through ``D2H``), or device -> disk (``D2DISK``) in the disk-only profile. A block whose key
-  the target already holds or is writing is skipped (also when two requests of one step compute it).
-  When the target is full of held or writing slots, the leading candidates get the free slots and
-  the rest are not offloaded. Blocks are only hashed from tokens the engine reported, so a block
+  (write-through ``D2H``; a disk-only pipeline's host tier is its staging tier). A block whose key
+  the host already holds or is writing is skipped (also when two requests of one step compute it).
+  When the host is full of held or writing slots (promises, reads, blocks waiting to reach the
+  disk), the leading candidates get the free slots and the others go straight to the disk
+  (``D2DISK``), behind the disk admission filter: a host tier smaller than a prompt still puts the
+  whole prefix on disk. Blocks are only hashed from tokens the engine reported, so a block
   whose last token is still unknown (overlap scheduler, draft tokens) waits for a later step. A
   request's first report must come in ``new_requests`` (it carries the whole prompt); a cached
   report of a request the leader has no first report for is never hashed or stored.
@@ -40,11 +49,11 @@ Choices:
   Dynamo offers only re-registrations, so a block that is only ever read back from the host never
   reaches disk; here each read counts as a sighting.
 - **Failures.** A failed operation is never counted as done. A failed store frees its slots. A
-  failed load drops the failing slots from the index (their bytes are bad; ``failed_blocks``, or all
-  of the operation's slots when it names none) and marks the request failed
-  (:attr:`BlockManager.failed_requests`); such a request plans no further stores. A store's result is
-  applied only once every load of its request succeeded (until then it waits): KV computed on top of
-  a failed load is never registered.
+  failed load or staging drops the failing slots from the index (their bytes are bad;
+  ``failed_blocks``, or all of the operation's slots when it names none); a failed load also marks
+  the request failed (:attr:`BlockManager.failed_requests`); such a request plans no further
+  stores. A store's result is applied only once every load of its request succeeded (until then
+  it waits): KV computed on top of a failed load is never registered.
 - **Finishing.** :meth:`finish` returns True iff any operation was ever planned for the request; the
   request is forgotten once all of them have results. Promises that never became loads are released.
 - **Events**: every tier change and request milestone fires a registry hook (see
@@ -79,7 +88,7 @@ from kvbm_core.leader.stats import LeaderStats, StatsBook
 from kvbm_core.leader.tier_state import ABSENT, DEFAULT_PRIORITY, TierState
 from kvbm_core.leader.tiers import build_tiers
 from kvbm_core.link import LinkAddress
-from kvbm_core.ops import LOADS, NO_REQUEST, STORES, OpResult, Route, StepOps
+from kvbm_core.ops import LOADS, NO_REQUEST, STAGING, STORES, Op, OpResult, Route, StepOps
 from kvbm_core.registry import Registry
 from kvbm_core.settings.model import KvbmSettings
 
@@ -97,15 +106,30 @@ MAX_FAILED_REMEMBERED = 65_536
 
 @dataclass(frozen=True)
 class Match:
-    """The answer to ``get_num_new_matched_tokens``: tokens promised and where they come from."""
+    """The answer to ``get_num_new_matched_tokens``: tokens promised, and where their blocks were
+    found (``disk_blocks`` of them were staged into the host for this request)."""
 
     num_tokens: int
     host_blocks: int
     disk_blocks: int
-    load_async: bool
 
 
-NO_MATCH = Match(0, 0, 0, False)
+NO_MATCH = Match(0, 0, 0)
+
+
+class Stager(Protocol):
+    """Runs a staging operation on every rank at once (the connector's workers, see :mod:`kvbm_core.link`)."""
+
+    def ready(self) -> bool:
+        """Whether every rank can be reached now."""
+
+    def run(self, op: Op, timeout: float) -> list[OpResult]:
+        """Every rank's result; raises (``TimeoutError``, ``LinkError``) when not all of them came."""
+
+STAGING_TIMEOUT_FACTOR = 10.0
+"""A staging operation may take this many times its predicted duration, and at least :data:`MIN_STAGING_S`."""
+MIN_STAGING_S = 2.0
+MAX_STAGING_S = 60.0
 
 
 class RequestLike(Protocol):
@@ -123,7 +147,7 @@ class BlockManager:
 
     def __init__(self, settings: KvbmSettings, layout: BlockLayout, *, world_size: int, model_id: str,
                  registry: Registry, clock: Callable[[], float] = time.monotonic,
-                 link: LinkAddress | None = None) -> None:
+                 link: LinkAddress | None = None, stager: Stager | None = None) -> None:
         self.settings = settings
         self.layout = layout
         self.world_size = world_size
@@ -141,9 +165,9 @@ class BlockManager:
         self._to_disk = DiskOffloader(self.host, self.disk, tiers.disk_filter) \
             if self.host is not None and self.disk is not None else None
         self.worker_config = WorkerConfig(settings, tiers.allocations, self.namespace.digest, world_size, link)
-        self._cost = CostModel(settings.cost_model, layout.bytes_per_block, layout.tokens_per_block, tiers.read_gbps)
-        self._target = self.host if self.host is not None else self.disk
-        self._store_route = Route.D2H if self.host is not None else Route.D2DISK
+        self._cost = CostModel(settings.cost_model, layout.bytes_per_block, layout.tokens_per_block, tiers.read_gbps,
+                               host_kind=self.host.kind if self.host is not None else None)
+        self._stager = stager
         self._min_priority = settings.host_offload_prefix_min_priority
         self._spaces: dict[RequestScope, tuple[KeySpace, int]] = {}
         self._requests: dict[int, RequestSlot] = {}
@@ -212,7 +236,8 @@ class BlockManager:
 
     def _lookup(self, req: RequestSlot, num_tokens: int, num_device_tokens: int) -> Match:
         tpb = self.tokens_per_block
-        if num_device_tokens % tpb or self._target is None:
+        host, disk = self.host, self.disk
+        if num_device_tokens % tpb or host is None:
             return NO_MATCH
         limit = (num_tokens - 1) // tpb
         start = req.device_blocks
@@ -223,24 +248,18 @@ class BlockManager:
         assert req.hasher is not None
         keys = req.hasher.keys(limit, start)
         n = len(keys)
-        host, disk = self.host, self.disk
-        # Where each block loads from: the host when it holds it, else the disk; the run ends at the
-        # first block in neither.
-        if host is not None and (disk is not None or host.matchable(host.lookup(keys[:1]))[0]):
+        # Where each block is: the host when it holds it, else the disk; the run ends at the first
+        # block in neither (a cold prompt whose first block misses and no disk can fill in: none).
+        if disk is not None or host.matchable(host.lookup(keys[:1]))[0]:
             slots = host.lookup(keys)
             in_host = host.matchable(slots)
-        else:  # no host tier, or a cold prompt (its first block misses and no disk can fill in)
+        else:
             slots, in_host = np.full(n, ABSENT, np.int64), np.zeros(n, bool)
         if in_host.all():  # the common case of a host hit: one tier, no per-block choice
             k = self._cost.best_run(n, self._kinds[HOST])
             if k == 0:
                 return NO_MATCH
-            slots = slots[:k]
-            host.hold(slots)  # type: ignore[union-attr]
-            req.promised_tier, req.promised_slots = np.zeros(k, np.int8), slots
-            req.host_hits, req.evaluated = k, start + k
-            self._offer_for_disk(keys[:k])
-            return Match(k * tpb, k, 0, False)
+            return self._promise(req, keys[:k], slots[:k], 0)
         codes = np.full(n, MISS, np.int8)
         codes[in_host] = HOST
         if disk is not None:
@@ -254,21 +273,68 @@ class BlockManager:
         k = self._cost.best_prefix(codes[:run], self._kinds)
         if k == 0:
             return NO_MATCH
-        codes, slots = codes[:k], slots[:k]
+        codes, slots, keys = codes[:k], slots[:k].copy(), keys[:k]
         from_host = codes == HOST
-        n_host = int(np.count_nonzero(from_host))
-        n_disk = k - n_host
-        if n_host:
-            host.hold(slots[from_host])  # type: ignore[union-attr]
-        if n_disk:
-            disk.hold(slots[~from_host])  # type: ignore[union-attr]
-        req.promised_tier, req.promised_slots = codes, slots
-        req.host_hits, req.disk_hits = n_host, n_disk
-        req.evaluated = start + k
-        if n_host:
-            self._offer_for_disk(keys[:k][from_host])
-        return Match(k * tpb, n_host, n_disk, n_disk > 0)
+        host.hold(slots[from_host])  # before staging picks victims: the run's host blocks stay put
+        k, staged = self._stage(req, keys, codes, slots)
+        if k < len(slots):
+            host.release(slots[k:][from_host[k:]])
+        if k == 0:
+            return NO_MATCH
+        return self._promise(req, keys[:k], slots[:k], staged, held=True)
 
+    def _promise(self, req: RequestSlot, keys: np.ndarray, slots: np.ndarray, staged: int, *,
+                 held: bool = False) -> Match:
+        """Promise the host blocks ``slots`` (``staged`` of them just staged from disk)."""
+        k = len(slots)
+        if not held:
+            self.host.hold(slots)  # type: ignore[union-attr]
+        req.promised_slots = slots
+        req.host_hits, req.disk_hits = k - staged, staged
+        req.evaluated = req.device_blocks + k
+        self._offer_for_disk(keys)
+        return Match(k * self.tokens_per_block, k - staged, staged)
+
+    def _stage(self, req: RequestSlot, keys: np.ndarray, codes: np.ndarray, slots: np.ndarray) -> tuple[int, int]:
+        """Stage the run's disk blocks into host slots on every rank, now; replaces their entries of
+        ``slots`` (held) by the host slots. Returns how many leading blocks are now in the host, held,
+        and how many of those were staged."""
+        host, disk = self.host, self.disk
+        assert host is not None
+        on_disk = np.flatnonzero(codes == DISK)
+        if not len(on_disk):
+            return len(slots), 0
+        if disk is None or self._stager is None or not self._stager.ready():
+            return int(on_disk[0]), 0
+        all_on_disk = on_disk
+        writing = host.lookup(keys[on_disk]) != ABSENT  # being stored to the host right now
+        if writing.any():
+            on_disk = on_disk[: int(np.argmax(writing))]
+        targets, ev_keys, ev_seq = host.allocate(len(on_disk))
+        self._removed(host, ev_keys, ev_seq)
+        on_disk = on_disk[: len(targets)]
+        cut = int(all_on_disk[len(on_disk)]) if len(on_disk) < len(all_on_disk) else len(slots)  # first not staged
+        if not len(on_disk):
+            return cut, 0
+        sources = slots[on_disk]
+        disk.hold(sources)
+        host.begin_write(targets, keys[on_disk], disk.seq[sources], disk.priority[sources])
+        op = self._new_op(Route.DISK2H, None, sources, targets, keys[on_disk], disk.seq[sources].copy(), disk)
+        predicted = self._cost.load_seconds({disk.kind: len(on_disk)})
+        timeout = min(MAX_STAGING_S, max(MIN_STAGING_S, STAGING_TIMEOUT_FACTOR * predicted))
+        view = Op(op.op_id, op.route, op.request_id, op.src, op.dst, op.keys)
+        try:
+            self.apply_results(self._stager.run(view, timeout))
+        except Exception as exc:  # not every rank answered: the op completes when they do
+            log.warning("staging disk blocks did not finish in time; not promised", op_id=op.op_id,
+                        blocks=len(on_disk), error=str(exc))
+            return int(on_disk[0]), 0
+        ready = host.state[targets] == SlotState.READY
+        good = int(np.argmin(ready)) if not ready.all() else len(on_disk)
+        host.hold(targets[:good])
+        slots[on_disk[:good]] = targets[:good]
+        end = cut if good == len(on_disk) else int(on_disk[good])
+        return end, good
     def _key_space(self, scope: RequestScope) -> tuple[KeySpace, int]:
         """The key space of ``scope`` and its Dynamo salt hash (for KV events), built once per scope."""
         found = self._spaces.get(scope)
@@ -337,7 +403,7 @@ class BlockManager:
                 if full <= low:
                     continue
                 req.evaluated = full
-                if not (req.failed or req.offload_stopped or self._target is None):
+                if not (req.failed or req.offload_stopped or self.host is None):
                     candidates.append((req, low, full))
         if candidates:
             self._plan_stores(candidates, planned)
@@ -355,30 +421,21 @@ class BlockManager:
             req = self._requests.get(request_id)
             if req is None or req.phase is RequestPhase.FINISHED or req.loads_emitted or not req.num_promised:
                 continue
-            lo, hi = req.device_blocks, req.promise_end_block
-            assert req.hasher is not None
-            keys = req.hasher.keys(hi, lo)
-            device = np.asarray(req.block_ids[lo:hi], np.int64)
-            if any(self._doomed(code, req) for code in (HOST, DISK)):
+            host = self.host
+            assert host is not None and req.hasher is not None
+            if (host.state[req.promised_slots] == SlotState.DOOMED).any():
                 self._release_promise(req)
                 self._fail(req, "a promised block was found bad before its load")
                 continue
+            lo, hi = req.device_blocks, req.promise_end_block
             req.loads_emitted = True
-            for code, route in ((HOST, Route.H2D), (DISK, Route.DISK2D)):
-                mine = req.promised_tier == code
-                if mine.any():
-                    op = self._new_op(route, req, req.promised_slots[mine], device[mine], keys[mine],
-                                      np.zeros(int(mine.sum()), np.uint64), self._tiers[code])  # type: ignore[arg-type]
-                    req.pending_loads.add(op.op_id)
-                    planned.append(op)
+            op = self._new_op(Route.H2D, req, req.promised_slots, np.asarray(req.block_ids[lo:hi], np.int64),
+                              req.hasher.keys(hi, lo), np.zeros(hi - lo, np.uint64), host)
+            req.pending_loads.add(op.op_id)
+            planned.append(op)
             if req.phase is RequestPhase.ALLOCATED:
                 req.move(RequestPhase.ACTIVE)
         self._to_onboard.clear()
-
-    def _doomed(self, code: int, req: RequestSlot) -> bool:
-        tier = self._tiers[code]
-        mine = req.promised_slots[req.promised_tier == code]
-        return tier is not None and bool(len(mine)) and bool((tier.state[mine] == SlotState.DOOMED).any())
 
     def _first_report(self, report: RequestLike, req: RequestSlot | None) -> tuple[RequestSlot | None, int]:
         """A request's first scheduler-output entry: the whole prompt and all its prompt blocks.
@@ -468,7 +525,7 @@ class BlockManager:
         The batch is assembled with Python lists and converted once: a decode step has a few
         single-block candidates, where per-request numpy calls would dominate.
         """
-        target = self._target
+        target = self.host
         assert target is not None
         owners: list[RequestSlot] = []
         bounds = [0]  # candidates of owners[i] are rows bounds[i]:bounds[i+1] of the batch
@@ -511,20 +568,46 @@ class BlockManager:
         rows = np.flatnonzero(fresh)
         slots, ev_keys, ev_seq = target.allocate(len(rows))
         self._removed(target, ev_keys, ev_seq)
-        rows = rows[: len(slots)]  # a full target keeps the leading candidates
-        if len(rows):
-            target.begin_write(slots, keys[rows], seq[rows], np.array(priority, np.int16)[rows])
-            cuts = np.searchsorted(rows, bounds).tolist()
-            for i, req in enumerate(owners):
-                a, b = cuts[i], cuts[i + 1]
-                if a == b:
-                    continue
-                lo, hi = bounds[i], bounds[i + 1]
-                r = slice(lo, hi) if b - a == hi - lo else rows[a:b]  # all of them: a plain slice
-                planned.append(self._new_op(self._store_route, req, device_ids[r], slots[a:b], keys[r], seq[r],
-                                            target))
-        if target is self.host and duplicate.any():
+        overflow = rows[len(slots):]  # the host has no room for these now
+        rows = rows[: len(slots)]
+        prio = np.array(priority, np.int16)
+        self._emit_stores(Route.D2H, target, owners, bounds, rows, slots, keys, seq, prio, device_ids, planned)
+        if len(overflow) and self.disk is not None:
+            self._store_to_disk(owners, bounds, overflow, keys, seq, prio, device_ids, planned)
+        if duplicate.any():
             self._offer_for_disk(keys[duplicate])
+
+    def _store_to_disk(self, owners: list[RequestSlot], bounds: list[int], rows: np.ndarray, keys: np.ndarray,
+                       seq: np.ndarray, priority: np.ndarray, device_ids: np.ndarray, planned: list[PlannedOp]) -> None:
+        """Blocks the host has no room for go straight to the disk, if it admits them and has room."""
+        disk = self.disk
+        assert disk is not None
+        rows = rows[disk.lookup(keys[rows]) == ABSENT]
+        admission = self._to_disk.admission if self._to_disk is not None else None
+        if len(rows) and admission is not None:
+            rows = rows[np.asarray(admission.admit(keys[rows]), bool)]
+        if not len(rows):
+            return
+        slots, ev_keys, ev_seq = disk.allocate(len(rows))
+        self._removed(disk, ev_keys, ev_seq)
+        self._emit_stores(Route.D2DISK, disk, owners, bounds, rows[: len(slots)], slots, keys, seq, priority,
+                          device_ids, planned)
+
+    def _emit_stores(self, route: Route, target: TierState, owners: list[RequestSlot], bounds: list[int],
+                     rows: np.ndarray, slots: np.ndarray, keys: np.ndarray, seq: np.ndarray, priority: np.ndarray,
+                     device_ids: np.ndarray, planned: list[PlannedOp]) -> None:
+        """Claim ``slots`` of ``target`` for the batch ``rows`` and emit one store per request."""
+        if not len(rows):
+            return
+        target.begin_write(slots, keys[rows], seq[rows], priority[rows])
+        cuts = np.searchsorted(rows, bounds).tolist()
+        for i, req in enumerate(owners):
+            a, b = cuts[i], cuts[i + 1]
+            if a == b:
+                continue
+            lo, hi = bounds[i], bounds[i + 1]
+            r = slice(lo, hi) if b - a == hi - lo else rows[a:b]  # all of them: a plain slice
+            planned.append(self._new_op(route, req, device_ids[r], slots[a:b], keys[r], seq[r], target))
 
     # -------------------------------------------------------------------------- host -> disk
     def _offer_for_disk(self, keys: np.ndarray) -> None:
@@ -576,6 +659,8 @@ class BlockManager:
                 self._finish_store(op, result, failed or (req is not None and req.failed))
             elif op.route in LOADS:
                 self._finish_load(op, result, failed, req)
+            elif op.route in STAGING:
+                self._finish_staging(op, result, failed)
             else:
                 self._finish_disk_offload(op, result, failed)
             if req is not None:
@@ -628,8 +713,12 @@ class BlockManager:
             tier.release(op.src)
             self._stats.blocks[op.route] += n
             self._cost.observe(tier.kind, result.num_bytes, result.seconds)
-            self.registry.notify("kvbm_blocks_onboarded", tier=tier.kind, request_id=op.request_id, num_blocks=n,
-                                 num_bytes=result.num_bytes, seconds=result.seconds)
+            staged = min(req.disk_hits, n) if req is not None else 0  # the disk blocks it staged for this load
+            for kind, count in ((tier.kind, n - staged), (self.disk.kind if self.disk else "", staged)):
+                if count:
+                    self.registry.notify("kvbm_blocks_onboarded", tier=kind, request_id=op.request_id,
+                                         num_blocks=count, num_bytes=result.num_bytes * count // n,
+                                         seconds=result.seconds * count / n)
         if req is not None:
             req.pending_loads.discard(op.op_id)
             if not req.pending_loads and req.deferred:
@@ -637,6 +726,28 @@ class BlockManager:
                 for store, store_result in deferred:
                     self._finish_store(store, store_result, req.failed)
                     req.pending.discard(store.op_id)
+
+    def _finish_staging(self, op: PlannedOp, result: OpResult, failed: bool) -> None:
+        """Disk blocks staged into host slots: the verified ones become host blocks; a block that
+        failed on any rank leaves the disk (its bytes are bad) and its host slot is freed."""
+        disk, host = op.tier, self.host
+        assert host is not None
+        n = len(op.src)
+        bad = np.zeros(n, bool)
+        if failed:
+            named = np.asarray(result.failed_blocks, np.int64)
+            bad[named[(named >= 0) & (named < n)] if len(named) else slice(None)] = True
+        if bad.any():
+            self._removed(disk, *disk.invalidate(op.src[bad]))
+            host.abort_write(op.dst[bad])
+        disk.release(op.src)
+        good = ~bad
+        if good.any():
+            host.complete_write(op.dst[good])
+            self._stats.blocks[Route.DISK2H] += int(np.count_nonzero(good))
+            self._cost.observe(disk.kind, result.num_bytes, result.seconds)
+            self.registry.notify("kvbm_blocks_stored", tier=host.kind, route=Route.DISK2H.label,
+                                 keys=op.keys[good], seq_hashes=op.seq[good])
 
     def _finish_disk_offload(self, op: PlannedOp, result: OpResult, failed: bool) -> None:
         assert self._to_disk is not None
@@ -687,11 +798,7 @@ class BlockManager:
         """Let go of promised slots that never became loads."""
         if req.loads_emitted or not req.num_promised:
             return
-        for code, tier in enumerate(self._tiers):
-            mine = req.promised_slots[req.promised_tier == code]
-            if tier is not None and len(mine):
-                tier.release(mine)
-        req.promised_tier = np.zeros(0, np.int8)
+        self.host.release(req.promised_slots)  # type: ignore[union-attr]
         req.promised_slots = np.zeros(0, np.int64)
 
     def _fail(self, req: RequestSlot, reason: str) -> None:

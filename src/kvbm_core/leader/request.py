@@ -6,9 +6,9 @@ Phases (allowed moves in :data:`ALLOWED`, checked by :meth:`RequestSlot.move`)::
     (new) ─allocated (no match)─> ALLOCATED           (new) ─first report (no match)─> ACTIVE
     MATCHED / ALLOCATED ─finish (cancelled before allocation or before any forward)─> FINISHED
 
-- ``MATCHED``: ``match`` answered; the promised tier slots are held (pinned).
-- ``ALLOCATED``: the engine gave device blocks; promised blocks are paired with them and their loads
-  go out in the next step (even when the engine parks the request for an asynchronous load).
+- ``MATCHED``: ``match`` answered; the promised host slots are held (pinned).
+- ``ALLOCATED``: the engine gave device blocks; promised blocks are paired with them and their load
+  goes out in the next step.
 - ``ACTIVE``: loads emitted and/or the engine scheduled the request; each step's newly full blocks
   become store candidates (an ``evaluated`` cursor that starts past the device-reused and onboarded
   blocks, so those are never stored again).
@@ -54,7 +54,6 @@ class RequestStateError(KvbmError):
         super().__init__(f"request {request_id}: {message}")
 
 
-_NO_TIERS = np.zeros(0, np.int8)
 _NO_SLOTS = np.zeros(0, np.int64)
 
 
@@ -62,7 +61,7 @@ class RequestSlot:
     """The leader's record of one request (mutable; owned by the block manager)."""
 
     __slots__ = (
-        "request_id", "phase", "hasher", "dynamo", "prompt", "device_blocks", "promised_tier",
+        "request_id", "phase", "hasher", "dynamo", "prompt", "device_blocks",
         "promised_slots", "host_hits", "disk_hits", "queried", "looked_up", "block_ids", "priorities",
         "evaluated", "offload_stopped", "reported", "ops", "pending", "pending_loads", "deferred",
         "failed", "loads_emitted",
@@ -75,8 +74,7 @@ class RequestSlot:
         self.dynamo: DynamoSequenceChain | None = None
         self.prompt: Sequence[int] | None = None
         self.device_blocks = 0
-        self.promised_tier = _NO_TIERS  # per promised block: index into the manager's tiers
-        self.promised_slots = _NO_SLOTS
+        self.promised_slots = _NO_SLOTS  # host slots, in prompt order
         self.host_hits = self.disk_hits = self.queried = 0
         self.looked_up = False
         self.block_ids: list[int] = []

@@ -44,15 +44,18 @@ class LeaderStats:
 
     @property
     def offload_blocks_d2disk(self) -> int:
+        """Blocks stored straight to disk because the host had no room for them."""
         return self.blocks.get(Route.D2DISK, 0)
 
     @property
     def onboard_blocks_h2d(self) -> int:
+        """Blocks copied host -> device (disk blocks count here too, after their staging)."""
         return self.blocks.get(Route.H2D, 0)
 
     @property
-    def onboard_blocks_disk2d(self) -> int:
-        return self.blocks.get(Route.DISK2D, 0)
+    def staged_blocks_disk2h(self) -> int:
+        """Disk blocks read, verified and copied into the host for a promise."""
+        return self.blocks.get(Route.DISK2H, 0)
 
 
 class HitRateWindow:

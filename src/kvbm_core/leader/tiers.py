@@ -6,8 +6,11 @@
   plugin's figure (``StorageTier.bytes_per_slot(layout)`` where the plugin defines it, e.g. a disk
   record with its header; otherwise ``layout.bytes_per_block``). A capacity below one slot is a
   :class:`~kvbm_core.errors.ConfigError` naming the tier.
-- **Routes** follow :func:`~kvbm_core.settings.pipeline.plan_pipeline`: host only, host + disk,
-  disk only.
+- **Routes** run between neighbouring tiers (device <-> host <-> disk). A disk-only pipeline
+  gets a host tier all the same: a *staging* tier of at most :data:`STAGING_GB` (never more than
+  the disk tier), built from the installed host-level tier plugin. Disk blocks are staged into it,
+  verified, before they are promised, and every stored block passes through it on its way to disk
+  (with no admission filter, as the disk-only shape has none).
 - **Eviction**: one ``settings.eviction`` policy instance per tier, looked up in the registry.
 - **Disk filter**: ``settings.disk_offload_filter.name`` from the registry, only when both a host
   and a disk tier exist and the filter is enabled; it sees host -> disk offers only.
@@ -26,6 +29,11 @@ from kvbm_core.leader.tier_state import TierState
 from kvbm_core.registry import Registry
 from kvbm_core.settings.model import KvbmSettings, TierSpec
 from kvbm_core.settings.pipeline import PipelinePlan, plan_pipeline
+
+STAGING_GB = 1.0
+"""Host memory (decimal GB per engine instance) that stages disk blocks when no host tier is set."""
+
+PREFERRED_HOST_KIND = "cpu"
 
 
 def bytes_per_slot(tier_cls: type, layout: BlockLayout) -> int:
@@ -61,6 +69,20 @@ class LeaderTiers:
     read_gbps: dict[str, float]
 
 
+def staging_spec(disk: TierSpec, disk_slots: int, layout: BlockLayout, world_size: int,
+                 registry: Registry) -> TierSpec:
+    """The host tier that stages a disk-only pipeline's blocks (see the module docstring)."""
+    tier_types = registry.types("tier")
+    hosts = sorted(name for name, entry in tier_types.items() if entry.cls.level == TierLevel.HOST)
+    if not hosts:
+        raise ConfigError(f"tiers.{disk.kind}", "a disk tier stages its blocks through host memory, and no "
+                                                "host-level tier plugin is installed (install kvbm-tier-cpu)")
+    kind = PREFERRED_HOST_KIND if PREFERRED_HOST_KIND in hosts else hosts[0]
+    per_slot = bytes_per_slot(tier_types[kind].cls, layout) * world_size
+    slots = max(1, min(disk_slots, int(STAGING_GB * 1e9) // per_slot))
+    return TierSpec(kind=kind, num_blocks=slots)
+
+
 def build_tiers(settings: KvbmSettings, layout: BlockLayout, world_size: int, registry: Registry,
                 clock: Callable[[], float]) -> LeaderTiers:
     plan = plan_pipeline(settings, registry)
@@ -69,14 +91,16 @@ def build_tiers(settings: KvbmSettings, layout: BlockLayout, world_size: int, re
     states: dict[TierLevel, TierState] = {}
     allocations: list[TierAllocation] = []
     read_gbps: dict[str, float] = {}
-    for spec in (plan.host, plan.disk):
-        if spec is None:
-            continue
+    specs: list[tuple[TierSpec, bool]] = [(spec, False) for spec in (plan.host, plan.disk) if spec is not None]
+    if plan.host is None and plan.disk is not None:
+        disk_slots = slots_for(plan.disk, tier_types[plan.disk.kind].cls, layout, world_size)
+        specs.insert(0, (staging_spec(plan.disk, disk_slots, layout, world_size, registry), True))
+    for spec, staging in specs:
         cls = tier_types[spec.kind].cls
         num_slots = slots_for(spec, cls, layout, world_size)
         level = TierLevel(cls.level)
         states[level] = TierState(spec.kind, level, num_slots, policy_cls(num_slots, settings.eviction_options))
-        allocations.append(TierAllocation(spec.kind, level, num_slots))
+        allocations.append(TierAllocation(spec.kind, level, num_slots, spec if staging else None))
         read_gbps[spec.kind] = float(cls.read_gbps)
     disk_filter = None
     if plan.disk_filter is not None:

@@ -1,11 +1,14 @@
 """The data path a resolved configuration describes: which routes exist and which one is filtered.
 
-The seed guide's three shapes, decided by the levels of the configured tiers alone:
+The seed guide's three shapes, decided by the levels of the configured tiers alone. A disk block
+reaches the device through the host (staged and verified before it is promised); blocks the host
+has no room for when they are stored go straight to the disk (``d2disk``):
 
 - host only:   offload device -> host (``d2h``); onboard host -> device (``h2d``).
 - host + disk: offload ``d2h``, then host -> disk (``h2disk``) in the background behind the disk
-  offload filter (frequency, on by default); onboard ``h2d`` and disk -> device (``disk2d``).
-- disk only:   offload device -> disk (``d2disk``), no filter; onboard ``disk2d``.
+  offload filter (frequency, on by default); onboard ``h2d``, disk blocks staged first (``disk2h``).
+- disk only:   the same routes through a small host staging tier the leader adds
+  (:mod:`kvbm_core.leader.tiers`), with no filter: every stored block goes on to the disk.
 
 This module only describes; the block manager acts on it.
 """
@@ -39,14 +42,16 @@ class PipelinePlan:
         return "+".join(n for n, t in (("host", self.host), ("disk", self.disk)) if t is not None) or "none"
 
     def describe(self) -> str:
-        """One line for humans, e.g. ``offload d2h (cpu), h2disk (disk, filter frequency); onboard h2d, disk2d``."""
+        """One line for humans, e.g. ``offload d2h (cpu), h2disk (disk, filter frequency); onboard disk2h, h2d``."""
         if self.shape == "none":
             return f"no tier configured: kvbm does nothing ({NO_TIER_HINT})"
-        dest = {Route.D2H: self.host, Route.H2DISK: self.disk, Route.D2DISK: self.disk}
+        host = self.host.kind if self.host is not None else "host staging"
+        disk = self.disk.kind if self.disk is not None else ""
+        dest = {Route.D2H: host, Route.H2DISK: disk, Route.D2DISK: f"{disk}, when the host is full"}
         offload = []
         for route in self.offload:
             extra = f", filter {self.disk_filter}" if route == Route.H2DISK and self.disk_filter else ""
-            offload.append(f"{route.label} ({dest[route].kind}{extra})")  # type: ignore[union-attr]
+            offload.append(f"{route.label} ({dest[route]}{extra})")
         return f"offload {', '.join(offload)}; onboard {', '.join(r.label for r in self.onboard)}"
 
     def require_tiers(self) -> None:
@@ -63,15 +68,13 @@ def plan_pipeline(settings: KvbmSettings, registry: Registry | None = None) -> P
     offload: list[Route] = []
     onboard: list[Route] = []
     disk_filter = None
-    if host is not None:
+    if host is not None or disk is not None:
         offload.append(Route.D2H)
-        onboard.append(Route.H2D)
     if disk is not None:
-        if host is not None:
-            offload.append(Route.H2DISK)
-            if settings.disk_offload_filter.enabled:
-                disk_filter = settings.disk_offload_filter.name
-        else:
-            offload.append(Route.D2DISK)
-        onboard.append(Route.DISK2D)
+        offload += [Route.H2DISK, Route.D2DISK]
+        onboard.append(Route.DISK2H)
+        if host is not None and settings.disk_offload_filter.enabled:
+            disk_filter = settings.disk_offload_filter.name
+    if host is not None or disk is not None:
+        onboard.append(Route.H2D)
     return PipelinePlan(host, disk, tuple(offload), tuple(onboard), disk_filter)

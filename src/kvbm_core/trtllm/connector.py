@@ -13,10 +13,11 @@ works by changing only ``connector_module``.
 
 Choices (documented for users in the README):
 
-- **Loads.** Host-only matches load synchronously: ``start_load_kv`` queues the host -> device
-  copies on a load stream and makes the compute stream wait on them (no host sync). Matches that
-  touch the disk tier load asynchronously (``(n, True)``): the engine parks the request while disk
-  reads are verified and copied, and ``get_finished`` hands it back when every rank has it.
+- **Loads** are synchronous, from host memory only: ``start_load_kv`` queues the host -> device
+  copies on a load stream and makes the compute stream wait on them (no host sync). Disk blocks are
+  staged into host slots and verified on every rank while the leader answers
+  ``get_num_new_matched_tokens`` (:mod:`kvbm_core.leader.manager`, "Staging before promising"),
+  so a promise never rests on bytes nobody checked.
 - **Stores** copy after the forward pass wrote the KV: the forward-pass callable (or
   ``wait_for_save`` where the engine has no callable) records an event on the compute stream, and
   the copies wait on it GPU-side. They are issued in ``get_finished``, once the engine has queued
@@ -33,10 +34,12 @@ Choices (documented for users in the README):
   (``request_finished`` is True while a store of the request is in flight), and ``get_finished``
   reports at most one finished save per call, in the order the requests finished, the same on
   every rank, so that 1.2's loop releases every one of them.
-- **A failed load** of a promised block is never reported as loaded. TRT-LLM 1.2 has no way to take
-  back promised tokens, so the worker raises :class:`~kvbm_core.errors.KvbmLoadError` naming the
-  request from ``get_finished``: the engine fails it with a clear error instead of generating from
-  bad KV. The leader drops the bad slots, so the next request with that prefix recomputes it.
+- **A failed load** of a promised block (only a host -> device copy that did not happen: the bytes
+  were verified before the promise) is never reported as loaded: the worker raises
+  :class:`~kvbm_core.errors.KvbmLoadError` from the next ``wait_for_layer_load`` (or
+  ``wait_for_save``), inside TensorRT-LLM's forward pass, whose error handling fails the batch;
+  never from ``get_finished`` or ``start_load_kv``, where an exception ends TensorRT-LLM's executor.
+  The leader drops the bad slots, so the next request with that prefix recomputes it.
 - **Unsupported engine settings**: pipeline parallelism and block reuse off are configuration
   errors; partial reuse on is logged once (non-aligned device matches then match nothing);
   multimodal and generation-only requests are left alone (no match, no offload), with a log line.
@@ -63,7 +66,7 @@ from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
 from kvbm_core.link import LeaderLink, LinkError, WorkerLink
 from kvbm_core.logging import configure as configure_logging
-from kvbm_core.ops import BACKGROUND, LOADS, STORES, NO_REQUEST, OpResult, Route, StepOps
+from kvbm_core.ops import BACKGROUND, LOADS, STORES, OpResult, StepOps
 from kvbm_core.registry import default_registry
 from kvbm_core.settings import KvbmSettings, resolve_settings
 from kvbm_core.trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker, SchedulerOutput
@@ -220,6 +223,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                 model_id=_model_id(self._llm_args),
                 registry=self._registry,
                 link=self._link.address if self._link is not None else None,
+                stager=_RankStager(self._channel, self._link, self._world_size),
             )
             config = self._manager.worker_config
             self._pipeline = PipelineInfo(self._resolved.settings, config.tiers, layout, self._world_size)
@@ -277,9 +281,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
             int(num_computed_tokens),
             scope=request_scope(request),
         )
-        if match.num_tokens <= 0:
-            return 0, False
-        return int(match.num_tokens), bool(match.load_async)
+        return int(match.num_tokens), False
 
     def update_state_after_alloc(self, request: Any, block_ids: list[int]) -> None:
         request_id = int(request.request_id)
@@ -321,6 +323,28 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         release_channel(self._llm_args)
 
 
+class _RankStager:
+    """Runs a staging operation on every rank at once: the leader's own process through memory, the
+    other ranks over the link (sent first, so they work while rank 0 does)."""
+
+    def __init__(self, channel: Any, link: LeaderLink | None, world_size: int) -> None:
+        self._channel = channel
+        self._link = link
+        self._remote = frozenset(range(1, world_size))
+
+    def ready(self) -> bool:
+        if self._channel.worker is None:
+            return False
+        return not self._remote or (self._link is not None and self._remote <= self._link.connected_ranks)
+
+    def run(self, op: Any, timeout: float) -> list[OpResult]:
+        pending = self._link.start_call(self._remote, "stage", (op, timeout)) if self._link is not None else {}
+        results = [self._channel.worker.stage(op, timeout)]
+        if pending:
+            results += self._link.wait(pending, "stage", timeout + 1.0).values()
+        return results
+
+
 # ------------------------------------------------------------------------------------ worker
 class KvbmConnectorWorker(KvCacheConnectorWorker):
     """Every rank: executes the leader's operations on this rank's KV pool."""
@@ -340,9 +364,7 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._background_started_for = -1
         self._loads_started_for = -1
         self._saving: deque[int] = deque()  # pinned requests, in the order they finished
-        self._loading: set[int] = set()
-        self._load_ops: set[int] = set()  # load op ids without a result yet
-        self._failed_loads: dict[int, str] = {}
+        self._failed_loads: dict[int, str] = {}  # request -> why its promised blocks did not load
         self._results_lock = threading.Lock()
         self._link: WorkerLink | None = None
         self._closed = False
@@ -371,7 +393,7 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         if leader is None and config.link is not None:  # a rank in another process than the leader
             self._link = WorkerLink(config.link, self._rank, self._on_leader_call)
         else:
-            self._channel.add_collector(self._collect_results)
+            self._channel.worker = self
         if leader is not None and self._rank == 0:
             for allocation in config.tiers:
                 tier = self._tiers.get(allocation.level)
@@ -391,9 +413,6 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
                     raise RuntimeError(f"rank {self._rank} got operations before the kvbm worker config")
                 return
             self._setup(metadata.worker_config)
-        load_routes = {int(route) for route in LOADS}
-        self._load_ops.update(op for op, route in zip(metadata.op_ids.tolist(), metadata.routes.tolist())
-                              if route in load_routes)
 
     def _current_ops(self) -> StepOps | None:
         meta = self._metadata
@@ -408,17 +427,18 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         compute = stream if self._pool is not None and self._pool.is_cuda else None
         self._engine.order_engine_writes(ops.fresh_blocks, compute)
         loads = ops.select(LOADS)
-        if not loads:
-            return
-        host = [op for op in loads if op.route == Route.H2D]
-        disk = [op for op in loads if op.route == Route.DISK2D]
-        if host:
-            self._engine.start_loads(host, compute, blocking=True)
-        if disk:
-            self._engine.start_loads(disk, compute, blocking=False)
+        if loads:
+            self._failed_loads.update(self._engine.start_loads(loads, compute))
 
     def wait_for_layer_load(self, layer_idx: int, stream: torch.cuda.Stream) -> None:
-        """Nothing to do: ``start_load_kv`` already made the compute stream wait on whole-block loads."""
+        """``start_load_kv`` already made the compute stream wait on whole-block loads. A promised
+        block that did not load stops the forward pass here (see "A failed load")."""
+        self._raise_failed_loads()
+
+    def _raise_failed_loads(self) -> None:
+        if self._failed_loads:
+            failed, self._failed_loads = self._failed_loads, {}
+            raise KvbmLoadError(failed, "; ".join(sorted(set(failed.values()))))
 
     def save_kv_layer(self, layer_idx: int, stream: torch.cuda.Stream) -> None:
         """Nothing to do: stores start once the whole forward pass is done (CUDA-graph safe)."""
@@ -437,8 +457,10 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._mark_forward_end(torch.cuda.current_stream() if self._pool is not None and self._pool.is_cuda else None)
 
     def wait_for_save(self, stream: torch.cuda.Stream) -> None:
-        """Saves are asynchronous; only marks the forward end if the callable did not."""
+        """Saves are asynchronous; only marks the forward end if the callable did not (and reports a
+        failed load a forward pass without layer hooks did not)."""
         self._mark_forward_end(stream if self._pool is not None and self._pool.is_cuda else None)
+        self._raise_failed_loads()
 
     def _mark_forward_end(self, stream: torch.cuda.Stream | None) -> None:
         ops = self._current_ops()
@@ -478,44 +500,45 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
     ) -> tuple[list[int], list[int]]:
         """Saves: at most one per call, the oldest, once this rank drained it (TensorRT-LLM 1.2
         releases only the first request it is handed per call; every rank hands them in the same
-        order, so the requests every rank reported grow by at most one per call)."""
+        order, so the requests every rank reported grow by at most one per call). kvbm never loads
+        asynchronously: ``started_loading_req_ids`` is always empty."""
         self._saving.extend(sorted(int(r) for r in finished_gen_req_ids))
-        self._loading.update(int(r) for r in started_loading_req_ids)
         if self._engine is not None:
             self._start_stores()
             self._start_background()
-            self._collect_results()
-        if self._failed_loads:
-            failed = dict(self._failed_loads)
-            self._failed_loads.clear()
-            self._loading.difference_update(failed)
-            raise KvbmLoadError(failed, "; ".join(sorted(set(failed.values()))))
+            self.collect_results()
         pending = self._engine.pending if self._engine is not None else (lambda request_id: False)
         done_saving = [self._saving.popleft()] if self._saving and not pending(self._saving[0]) else []
-        done_loading = sorted(r for r in self._loading if not pending(r))
-        self._loading.difference_update(done_loading)
-        return done_saving, done_loading
+        return done_saving, list(started_loading_req_ids)
 
-    def _collect_results(self) -> None:
+    def collect_results(self) -> None:
         """This rank's finished operations go to the leader (through memory, or the link)."""
+        if self._engine is None:
+            return
         with self._results_lock:
-            results = self._engine.poll()
-            if not results:
-                return
-            self._report(results)
-            self._note_failed_loads(results)
+            self._report(self._engine.poll())
 
     def _report(self, results: list[OpResult]) -> None:
+        if not results:
+            return
         if self._link is not None:
             self._link.send_results(results)
         else:
             self._channel.report(results)
 
+    def stage(self, op: Any, timeout: float) -> OpResult:
+        """Stage disk blocks into host slots now, for the leader (see :meth:`TransferEngine.run_now`)."""
+        if self._engine is None:
+            raise RuntimeError(f"rank {self._rank} has no kvbm tiers yet")
+        return self._engine.run_now(op, timeout)
+
     def _on_leader_call(self, method: str, args: tuple) -> Any:
         """What the leader may ask of a rank in another process (see :mod:`kvbm_core.link`)."""
         if method == "collect":
-            self._collect_results()
+            self.collect_results()
             return None
+        if method == "stage":
+            return self.stage(*args)
         raise ValueError(f"unknown call {method!r}")
 
     def wait_until_idle(self, timeout: float) -> bool:
@@ -524,16 +547,8 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         if self._engine is None:
             return True
         with self._results_lock:
-            results = self._engine.drain(timeout)
-            self._report(results)
-            self._note_failed_loads(results)
+            self._report(self._engine.drain(timeout))
             return not self._engine.in_flight
-
-    def _note_failed_loads(self, results: list[OpResult]) -> None:
-        for result in results:
-            if not result.ok and result.request_id != NO_REQUEST and result.op_id in self._load_ops:
-                self._failed_loads[result.request_id] = f"load operation {result.op_id} failed: {result.error}"
-            self._load_ops.discard(result.op_id)
 
     # -- shutdown ------------------------------------------------------------------------------
     def close(self) -> None:

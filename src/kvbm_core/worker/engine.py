@@ -7,8 +7,9 @@ D2H         store stream, after the forward-end event
 H2D         load stream; blocking loads make the compute stream wait on the load's event
             (GPU-side, no host sync)
 H2DISK      I/O thread pool: host rows straight to the file (page-aligned rows need no copy)
-DISK2D      I/O thread pool: file -> staging lane, verify, copy verified blocks to the device
-D2DISK      I/O thread pool: device -> staging lane (or GPUDirect), stamp, write
+DISK2H      I/O thread pool: file -> staging lane, verify, copy the verified blocks into host
+            slots; run at once for the leader (:meth:`TransferEngine.run_now`)
+D2DISK      I/O thread pool, after the forward-end event: device -> staging lane, stamp, write
 ==========  ==========================================================================
 
 Every operation is one :class:`Ticket`. Tickets wait for earlier tickets touching the same slots or
@@ -49,7 +50,7 @@ import torch
 from kvbm_core.errors import ConfigError
 from kvbm_core.interfaces import StorageTier, TierLevel
 from kvbm_core.layout import BlockLayout
-from kvbm_core.ops import BACKGROUND, LOADS, STORES, Op, OpResult, Route
+from kvbm_core.ops import BACKGROUND, LOADS, STAGING, STORES, Op, OpResult, Route
 from kvbm_core.storage import BlockFileStorage, HostStorage, ReadCheck
 from kvbm_core.worker.copies import BlockCopier, coalesce
 from kvbm_core.worker.hazards import SlotHazards
@@ -199,22 +200,25 @@ class TransferEngine:
                  disk_mode=self.disk.mode if self.disk else None, io_threads=threads)
 
     # ------------------------------------------------------------------------- public API
-    def start_loads(self, ops: Sequence[Op], stream: torch.cuda.Stream | None, *, blocking: bool) -> None:
-        """Onboard H2D and DISK2D ops. ``blocking``: the compute ``stream`` must see the bytes."""
+    def start_loads(self, ops: Sequence[Op], stream: torch.cuda.Stream | None) -> dict[int, str]:
+        """Onboard H2D ops before the forward pass: the compute ``stream`` waits on them (GPU-side).
+
+        Returns the requests whose load failed (request id -> why): a host slot whose write had
+        failed, a copy that raised, or a copy not issued within ``wait_timeout_s``.
+        """
         tickets = [self._submit(op, None) for op in ops if self._routed(op, LOADS)]
-        if not blocking:
-            return
         deadline = time.monotonic() + self.wait_timeout_s
         compute = stream if stream is not None or not self.cuda else torch.cuda.current_stream(self.device)
         for t in tickets:
             try:
                 t.issued.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
-                t.fail_all(f"blocking load not ready within {self.wait_timeout_s:.0f} s: the forward pass ran without it")
-                log.error("blocking load missed the forward pass", op_id=t.op.op_id, request_id=t.op.request_id)
+                t.fail_all(f"load not issued within {self.wait_timeout_s:.0f} s, before its forward pass")
+                log.error("a load missed its forward pass", op_id=t.op.op_id, request_id=t.op.request_id)
                 continue
             if t.event is not None and compute is not None:
                 compute.wait_event(t.event)
+        return {t.op.request_id: f"load operation {t.op.op_id} failed: {t.error}" for t in tickets if t.failed}
 
     def start_stores(self, ops: Sequence[Op], after: torch.cuda.Event | None) -> None:
         """Offload D2H and D2DISK ops once ``after`` (the forward-end event) has completed."""
@@ -228,13 +232,28 @@ class TransferEngine:
             if self._routed(op, BACKGROUND):
                 self._submit(op, None)
 
+    def run_now(self, op: Op, timeout: float) -> OpResult:
+        """Run one staging op (DISK2H) and wait for it; its result is returned here, not by :meth:`poll`.
+
+        An op that does not finish within ``timeout`` seconds is left to finish in the background
+        (its result then comes from :meth:`poll`) and :class:`TimeoutError` is raised.
+        """
+        self._routed(op, STAGING)
+        ticket = self._submit(op, None)
+        try:
+            ticket.issued.result(timeout=timeout)
+        except FutureTimeout:
+            raise TimeoutError(f"staging operation {op.op_id} did not finish within {timeout:.1f} s") from None
+        with self._lock:
+            self._forget(ticket)
+        return ticket.result(self.bpb, self.rank)
+
     def order_engine_writes(self, blocks: np.ndarray, stream: torch.cuda.Stream | None) -> None:
         """Make the engine's next writes to device ``blocks`` come after this rank's operations on them.
 
-        On CUDA the compute ``stream`` waits (GPU-side) for each such operation's copies; on CPU, or
-        for an operation run by I/O threads, the caller waits until it finished. Bounded by
-        ``wait_timeout_s``; an operation that does not finish in time is an error (the engine would
-        overwrite bytes a store still reads).
+        On CUDA the compute ``stream`` waits (GPU-side) for each such operation's copies; on CPU the
+        caller waits until it finished. A store not even issued within ``wait_timeout_s`` is marked
+        failed instead (so what it copies later is never counted), and the engine goes on.
         """
         blocks = np.asarray(blocks, np.int64)
         if not blocks.size:
@@ -251,8 +270,10 @@ class TransferEngine:
             try:
                 t.issued.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
-                raise TimeoutError(f"operation {t.op.op_id} ({t.op.route.label}) still touches device blocks the "
-                                   f"engine is about to write after {self.wait_timeout_s:.0f} s") from None
+                t.fail_all(f"not issued within {self.wait_timeout_s:.0f} s, before the engine reused its device blocks")
+                log.error("an operation was overtaken by the engine's writes", op_id=t.op.op_id,
+                          route=t.op.route.label)
+                continue
             if t.event is None:
                 continue
             if stream is not None and self.cuda:
@@ -268,14 +289,19 @@ class TransferEngine:
         if not finished:
             return []
         with self._lock:
+            finished = [t for t in finished if t.id in self._live]  # run_now may have taken one
             for t in finished:
-                self._live.pop(t.id, None)
-                group = self._by_request.get(t.op.request_id)
-                if group is not None:
-                    group.remove(t)
-                    if not group:
-                        del self._by_request[t.op.request_id]
+                self._forget(t)
         return [t.result(self.bpb, self.rank) for t in finished]
+
+    def _forget(self, t: Ticket) -> None:
+        """Drop a finished ticket from the live set (under ``_lock``)."""
+        self._live.pop(t.id, None)
+        group = self._by_request.get(t.op.request_id)
+        if group is not None and t in group:
+            group.remove(t)
+            if not group:
+                del self._by_request[t.op.request_id]
 
     @property
     def in_flight(self) -> int:
@@ -351,8 +377,8 @@ class TransferEngine:
         return ticket
 
     def _check(self, op: Op, src: np.ndarray, dst: np.ndarray) -> str | None:
-        need_host = op.route in (Route.D2H, Route.H2D, Route.H2DISK)
-        need_disk = op.route in (Route.H2DISK, Route.DISK2D, Route.D2DISK)
+        need_host = op.route != Route.D2DISK
+        need_disk = op.route in (Route.H2DISK, Route.DISK2H, Route.D2DISK)
         if need_host and self.host is None:
             return f"route {op.route.label} needs a host tier and this rank has none"
         if need_disk and self.disk is None:
@@ -362,7 +388,7 @@ class TransferEngine:
             Route.D2H: ((src, n_dev, "device block"), (dst, self._host_hz, "host slot")),
             Route.H2D: ((src, self._host_hz, "host slot"), (dst, n_dev, "device block")),
             Route.H2DISK: ((src, self._host_hz, "host slot"), (dst, self._disk_hz, "disk slot")),
-            Route.DISK2D: ((src, self._disk_hz, "disk slot"), (dst, n_dev, "device block")),
+            Route.DISK2H: ((src, self._disk_hz, "disk slot"), (dst, self._host_hz, "host slot")),
             Route.D2DISK: ((src, n_dev, "device block"), (dst, self._disk_hz, "disk slot")),
         }[op.route]
         for idx, space, what in sides:
@@ -381,9 +407,9 @@ class TransferEngine:
             return np.union1d(host.read(src, tid, stream=True), device.write(dst, tid))  # type: ignore[union-attr]
         if route == Route.H2DISK:
             return np.union1d(host.read(src, tid, stream=False), disk.write(dst, tid))  # type: ignore[union-attr]
-        if route == Route.DISK2D:
-            return np.union1d(disk.read(src, tid, stream=False), device.write(dst, tid))  # type: ignore[union-attr]
-        return np.union1d(device.read(src, tid, stream=False), disk.write(dst, tid))  # type: ignore[union-attr]
+        if route == Route.D2DISK:
+            return np.union1d(device.read(src, tid, stream=False), disk.write(dst, tid))  # type: ignore[union-attr]
+        return np.union1d(disk.read(src, tid, stream=False), host.write(dst, tid))  # type: ignore[union-attr]
 
     def _when_issued(self, ticket: Ticket, deps: list[Ticket], start: Callable[[], None]) -> None:
         """Submit ``start`` to the I/O pool once every dependency is issued (callbacks, no waiting)."""
@@ -417,7 +443,8 @@ class TransferEngine:
         if self.cuda:
             torch.cuda.set_device(self.device)
 
-    def _stream(self) -> torch.cuda.Stream | None:
+    def _io_stream(self) -> torch.cuda.Stream | None:
+        """The calling I/O thread's own CUDA stream (None on CPU)."""
         if not self.cuda:
             return None
         stream = getattr(self._local, "stream", None)
@@ -490,47 +517,52 @@ class TransferEngine:
     # ------------------------------------------------------------------------------- I/O
     def _run_io(self, ticket: Ticket, deps: list[Ticket], src: np.ndarray, dst: np.ndarray,
                 after: torch.cuda.Event | None) -> None:
-        """Runs in an I/O thread once the dependencies are issued; fans out one task per piece."""
+        """Runs in an I/O thread once the dependencies are issued; fans out one task per piece.
+
+        A piece is a run of consecutive disk slots (one I/O); for H2DISK also of consecutive host
+        slots within one pinned segment, so the rows are written straight from the host pool.
+        """
         if not self._await_deps(ticket, deps, None):
             ticket.finish_issue()
             return
         ticket.started()
-        disk = self.disk
+        disk, host = self.disk, self.host
         assert isinstance(disk, BlockFileStorage)
-        route = ticket.op.route
-        keep = np.ones(len(src), dtype=bool)
-        if route == Route.H2DISK:
+        if ticket.op.route == Route.D2DISK:
+            if after is not None:
+                after.synchronize()  # the forward pass wrote the blocks
+            _, d0, n = coalesce(dst, dst, 0, 0, disk.io_records)
+            positions = np.arange(len(dst))
+            work = self._d2disk_piece
+        elif ticket.op.route == Route.H2DISK:
+            assert isinstance(host, HostStorage)
             assert self._host_hz is not None
+            keep = np.ones(len(src), dtype=bool)
             with self._lock:
                 bad = self._host_hz.bad(src)
             if bad.size:
                 ticket.fail(bad, "the host slot's last write failed")
                 keep[bad] = False
-            host = self.host
-            assert isinstance(host, HostStorage)
-            s0, d0, n = coalesce(src[keep], dst[keep], host.segment_slots, 0, disk.io_records)
+            _, d0, n = coalesce(src[keep], dst[keep], host.segment_slots, 0, disk.io_records)
             positions = np.flatnonzero(keep)
-            firsts = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
-            pieces = [(positions[f:f + k], int(d)) for f, k, d in zip(firsts, n, d0)]
             work = self._h2disk_piece
         else:
-            disk_side = src if route == Route.DISK2D else dst
-            _, d0, n = coalesce(disk_side, disk_side, 0, 0, disk.io_records)
-            firsts = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
-            order = np.arange(len(disk_side))
-            pieces = [(order[f:f + k], int(d)) for f, k, d in zip(firsts, n, d0)]
-            work = self._disk2d_piece if route == Route.DISK2D else self._d2disk_piece
+            _, d0, n = coalesce(src, src, 0, 0, disk.io_records)
+            positions = np.arange(len(src))
+            work = self._disk2h_piece
+        firsts = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+        pieces = [(positions[f:f + k], int(d)) for f, k, d in zip(firsts, n, d0)]
         if not pieces:
             ticket.finish_issue()
             return
         ticket.pieces_left = len(pieces)
-        for positions, first_slot in pieces:
-            self._io.submit(self._run_piece, ticket, work, positions, first_slot, src, dst, after)
+        for piece_positions, first_slot in pieces:
+            self._io.submit(self._run_piece, ticket, work, piece_positions, first_slot, src, dst)
 
     def _run_piece(self, ticket: Ticket, work: Callable[..., None], positions: np.ndarray, first_slot: int,
-                   src: np.ndarray, dst: np.ndarray, after: torch.cuda.Event | None) -> None:
+                   src: np.ndarray, dst: np.ndarray) -> None:
         try:
-            work(ticket, positions, first_slot, src, dst, after)
+            work(ticket, positions, first_slot, src, dst)
         except Exception as exc:
             ticket.fail(positions, f"{type(exc).__name__}: {exc}")
             log.warning("transfer piece failed", op_id=ticket.op.op_id, route=ticket.op.route.label,
@@ -546,7 +578,7 @@ class TransferEngine:
         return lanes.acquire(timeout=self.wait_timeout_s)
 
     def _h2disk_piece(self, ticket: Ticket, positions: np.ndarray, first_slot: int, src: np.ndarray,
-                      dst: np.ndarray, after: torch.cuda.Event | None) -> None:
+                      dst: np.ndarray) -> None:
         disk, host = self.disk, self.host
         assert isinstance(disk, BlockFileStorage) and isinstance(host, HostStorage)
         s = int(src[positions[0]])
@@ -558,53 +590,45 @@ class TransferEngine:
             disk.lanes.release(lane)
 
     def _d2disk_piece(self, ticket: Ticket, positions: np.ndarray, first_slot: int, src: np.ndarray,
-                      dst: np.ndarray, after: torch.cuda.Event | None) -> None:
+                      dst: np.ndarray) -> None:
+        """Copy a run of device blocks into a staging lane, stamp the records, write them."""
         disk = self.disk
         assert isinstance(disk, BlockFileStorage)
-        if after is not None:
-            after.synchronize()
-        keys = ticket.op.keys[positions]
         blocks = src[positions]
-        if disk.device_direct:
-            disk.write_device([self.pool[b] for b in blocks.tolist()], first_slot, keys)
-            return
         lane_index = self._lane(disk.lanes)
         try:
             lane = disk.lanes.lane(lane_index)
-            stream = self._stream()
+            stream = self._io_stream()
             self.copier.copy(disk.data_view(lane, len(blocks)), np.arange(len(blocks)), self.pool, blocks,
                              stream=stream)
             if stream is not None:
                 stream.synchronize()
-            disk.write_lane(lane, first_slot, keys)
+            disk.write_lane(lane, first_slot, ticket.op.keys[positions])
         finally:
             disk.lanes.release(lane_index)
 
-    def _disk2d_piece(self, ticket: Ticket, positions: np.ndarray, first_slot: int, src: np.ndarray,
-                      dst: np.ndarray, after: torch.cuda.Event | None) -> None:
-        disk = self.disk
-        assert isinstance(disk, BlockFileStorage)
+    def _disk2h_piece(self, ticket: Ticket, positions: np.ndarray, first_slot: int, src: np.ndarray,
+                      dst: np.ndarray) -> None:
+        """Read a run of records, verify each against its key, copy the good ones into host slots."""
+        disk, host, hz = self.disk, self.host, self._host_hz
+        assert isinstance(disk, BlockFileStorage) and isinstance(host, HostStorage) and hz is not None
         keys = ticket.op.keys[positions]
-        direct = disk.device_direct and disk.device_lanes is not None
-        lanes = disk.device_lanes if direct else disk.lanes
-        assert lanes is not None
-        lane_index = self._lane(lanes)
+        targets = dst[positions]
+        ok = np.zeros(len(positions), dtype=bool)
+        lane_index = self._lane(disk.lanes)
         try:
-            lane = lanes.lane(lane_index)
-            if direct:
-                check = disk.read_device(lane, first_slot, keys)
-                staged = lane[: len(keys)]
-            else:
-                check = disk.read_lane(lane, first_slot, keys)
-                staged = disk.data_view(lane, len(keys))
+            lane = disk.lanes.lane(lane_index)
+            check = disk.read_lane(lane, first_slot, keys)
             self._note_check(ticket, positions, check)
             good = np.flatnonzero(check.ok)
-            stream = self._stream()
-            self.copier.copy(self.pool, dst[positions[good]], staged, good, stream=stream)
-            if stream is not None:
-                stream.synchronize()
+            if good.size:
+                rows = torch.from_numpy(good)
+                host.slots.index_copy_(0, torch.from_numpy(targets[good]), disk.data_view(lane, len(keys))[rows])
+            ok[good] = True
         finally:
-            lanes.release(lane_index)
+            disk.lanes.release(lane_index)
+            with self._lock:
+                hz.written(targets, ok)
 
     @staticmethod
     def _note_check(ticket: Ticket, positions: np.ndarray, check: ReadCheck) -> None:

@@ -24,7 +24,7 @@ def build_tiers(config: WorkerConfig, layout: BlockLayout, rank: int, device: to
     tiers: dict[TierLevel, StorageTier] = {}
     try:
         for allocation in sorted(config.tiers, key=lambda t: t.level):
-            spec = config.settings.tier(allocation.kind)
+            spec = allocation.spec or config.settings.tier(allocation.kind)
             if spec is None:
                 raise ConfigError(f"tiers.{allocation.kind}", "the leader sized a tier the settings do not list")
             cls = registry.get("tier", allocation.kind, f"tiers.{allocation.kind}.kind")
