@@ -289,3 +289,26 @@ def test_kvbm_as_an_unprivileged_user_uses_xdg_cache_home(shared_dir: Path) -> N
     out = as_user(user, _round_trip, env={"XDG_CACHE_HOME": str(cache)})
     assert out["path"] == str(cache / "kvbm" / FILE_NAME) and out["dir_mode"] == 0o700
     assert out["recovered"] == [2, 3, 4, 5] and out["same_bytes"]
+
+
+def test_configured_directory_kvbm_creates_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o002)  # a umask that leaves group write: kvbm must not refuse its own directory
+    try:
+        tier = LocalDiskTier(make_context("disk", 4, tmp_path / "new" / "cache"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new" / "cache").stat().st_mode) == 0o700
+    tier.close()
+
+
+def test_doctor_fails_an_unsafe_directory_and_passes_the_private_default(tmp_path: Path, monkeypatch) -> None:
+    unsafe = tmp_path / "open"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)
+    ctx = make_context("disk", 4, unsafe)
+    checks = {c.name: c for c in LocalDiskTier.diagnose(ctx.spec, ctx.settings)}
+    assert checks["disk directory"].status == "fail" and "DYN_KVBM_DISK_CACHE_DIR" in checks["disk directory"].detail
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    ctx = make_context("disk", 4, None)
+    checks = {c.name: c for c in LocalDiskTier.diagnose(ctx.spec, ctx.settings)}
+    assert checks["disk directory"].status == "pass" and str(tmp_path / "xdg" / "kvbm") in checks["disk directory"].detail

@@ -6,7 +6,8 @@ neither read it nor write it, nor make kvbm write through it to a file of their 
 - **Directory.** ``DYN_KVBM_DISK_CACHE_DIR`` (``disk.directory``) when set; otherwise a private
   per-user directory, created 0700: ``$XDG_CACHE_HOME/kvbm``, else ``~/.cache/kvbm``, else (no
   usable home) ``<system temp dir>/kvbm-<uid>``, which must then be a real directory of ours (a
-  symlink or another user's directory there is refused). Any directory is accepted only if no other
+  symlink or another user's directory there is refused). A default that cannot be created is
+  skipped; one that exists but fails the checks below is refused, not skipped. Any directory is accepted only if no other
   user can replace files in it: owned by this process's user and not group/world-writable, or a
   shared directory with the sticky bit that is ours or root's (``/tmp``), where other users cannot
   rename or remove our file. Everything else is refused with one line naming the variable.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import pwd
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -64,10 +66,8 @@ def _refuse(path: str, what: str) -> StorageError:
 
 def _user(uid: int) -> str:
     try:
-        import pwd
-
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
-    except (KeyError, ImportError):
+    except KeyError:
         return f"uid {uid}"
 
 
@@ -77,7 +77,7 @@ def default_candidates() -> Iterator[tuple[str, bool]]:
     if os.path.isabs(xdg):
         yield os.path.join(xdg, "kvbm"), True
     home = os.path.expanduser("~")
-    if os.path.isabs(home) and home != "/":
+    if os.path.isabs(home):
         yield os.path.join(home, ".cache", "kvbm"), True
     yield os.path.join(tempfile.gettempdir(), f"kvbm-{os.geteuid()}"), False
 
@@ -106,7 +106,7 @@ def _make(path: str, private: bool = False) -> None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             os.mkdir(path, 0o700)
         else:
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(path, mode=0o700, exist_ok=True)  # a directory kvbm creates is private too
     except FileExistsError:
         pass
     except OSError as exc:
