@@ -103,7 +103,8 @@ def test_engine_reports_a_failing_device_apart_from_a_bad_block(ext4: Path) -> N
     _shut_down(ext4)
     failing = _engine_run(tier, out, Route.DISK2D, np.arange(4), _keys(4))
     assert not failing.ok and failing.failed_blocks == (0, 1, 2, 3)
-    assert "TierIOError" in failing.error and tier.path in failing.error and "device or filesystem is failing" in failing.error
+    assert "TierIOError" in failing.error and tier.path in failing.error
+    assert "device or filesystem is failing" in failing.error
     tier.close()
 
 

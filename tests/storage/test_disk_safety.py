@@ -311,4 +311,5 @@ def test_doctor_fails_an_unsafe_directory_and_passes_the_private_default(tmp_pat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     ctx = make_context("disk", 4, None)
     checks = {c.name: c for c in LocalDiskTier.diagnose(ctx.spec, ctx.settings)}
-    assert checks["disk directory"].status == "pass" and str(tmp_path / "xdg" / "kvbm") in checks["disk directory"].detail
+    assert checks["disk directory"].status == "pass"
+    assert str(tmp_path / "xdg" / "kvbm") in checks["disk directory"].detail

@@ -46,7 +46,7 @@ def check_positive_int_options(options: Mapping[str, Any], key: str, allowed: se
 
 
 #: Errors that say the device or filesystem under a tier file is failing, full or gone, rather than
-#: that one call was wrong: core counts them per tier (a circuit breaker), not per block.
+#: that one call was wrong: a caller should count them per tier (a circuit breaker), not blame one block.
 DEVICE_ERRNOS: frozenset[int] = frozenset(
     getattr(errno, name) for name in (
         "EIO", "ENOSPC", "EDQUOT", "EROFS", "ESHUTDOWN", "ENODEV", "ENXIO", "ESTALE", "ENOMEDIUM",

@@ -98,7 +98,8 @@ class BlockFile:
             except OSError as exc:
                 raise TierIOError.from_os_error(self.path, "write", offset + done, total - done, exc) from exc
             if n <= 0:
-                raise TierIOError(self.path, "write", offset + done, total - done, errno.EIO, f"pwritev wrote {n} bytes")
+                raise TierIOError(self.path, "write", offset + done, total - done, errno.EIO,
+                                  f"pwritev wrote {n} bytes")
             done += n
 
     def close(self) -> None:
@@ -185,7 +186,8 @@ def _lock_instance(directory: TierDirectory, stem: str) -> tuple[str, int, bool,
             log.info("tier file in use by another live process: using the next instance",
                      path=os.path.join(directory.path, name))
         return name, fd, created, replaced
-    raise StorageError(os.path.join(directory.path, stem), f"{_MAX_INSTANCES} live processes already hold this tier's files")
+    raise StorageError(os.path.join(directory.path, stem),
+                       f"{_MAX_INSTANCES} live processes already hold this tier's files")
 
 
 def _check_free_space(path: str, directory: str, size: int, allocated: int) -> None:

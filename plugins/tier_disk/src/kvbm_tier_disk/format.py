@@ -32,6 +32,8 @@ block is never handed to the GPU. Checksums (:class:`ChecksumKind`):
   ``m_i = splitmix64(i) | 1``. The multipliers are odd, so every single-bit error changes the sum.
 
 A reader verifies whichever kind the header names; the same functions run on host and device.
+Why a record may not be served is a :class:`RecordFault`: a read reports its text per block, start-up
+recovery counts its label.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ neither read it nor write it, nor make kvbm write through it to a file of their 
   per-user directory, created 0700: ``$XDG_CACHE_HOME/kvbm``, else ``~/.cache/kvbm``, else (no
   usable home) ``<system temp dir>/kvbm-<uid>``, which must then be a real directory of ours (a
   symlink or another user's directory there is refused). A default that cannot be created is
-  skipped; one that exists but fails the checks below is refused, not skipped. Any directory is accepted only if no other
-  user can replace files in it: owned by this process's user and not group/world-writable, or a
-  shared directory with the sticky bit that is ours or root's (``/tmp``), where other users cannot
-  rename or remove our file. Everything else is refused with one line naming the variable.
+  skipped; one that exists but fails the checks below is refused, not skipped. Any directory is
+  accepted only if no other user can replace files in it: owned by this process's user and not
+  group/world-writable, or a shared directory with the sticky bit that is ours or root's (``/tmp``),
+  where other users cannot rename or remove our file. Everything else is refused with one line
+  naming the variable.
 - **File.** Opened relative to the opened directory, never following a symlink (``O_NOFOLLOW``). A new
   file is created with ``O_CREAT | O_EXCL``, mode 0600. An existing file is used only if it is a
   regular file of ours with a single link; a symlink, directory, FIFO, socket or device in its place,
@@ -178,7 +179,8 @@ def open_private_file(directory: TierDirectory, name: str) -> tuple[int, bool, s
         fd, replaced = _open_existing(directory, name, path, me)
         if fd is not None:
             return fd, False, replaced
-    raise StorageError(path, "the tier file kept changing while kvbm opened it (created and removed by another process)")
+    raise StorageError(path, "the tier file kept changing while kvbm opened it "
+                             "(created and removed by another process)")
 
 
 def _open_existing(directory: TierDirectory, name: str, path: str, me: int) -> tuple[int | None, str]:
@@ -195,7 +197,8 @@ def _open_existing(directory: TierDirectory, name: str, path: str, me: int) -> t
         return None, ""
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise StorageError(path, "the tier file is a symbolic link; kvbm never follows one there (remove it)") from exc
+            raise StorageError(path, "the tier file is a symbolic link; kvbm never follows one there "
+                                     "(remove it)") from exc
         raise StorageError(path, f"cannot open the tier file: {exc.strerror or exc}") from exc
     try:
         st = os.fstat(fd)

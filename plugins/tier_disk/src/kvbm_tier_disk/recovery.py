@@ -69,7 +69,8 @@ def recover(block_file: BlockFile, fmt: RecordFormat, num_slots: int, lanes: Sta
     if block_file.fresh:
         return _nothing(block_file, started)
     with ThreadPoolExecutor(io_threads, thread_name_prefix="kvbm-disk-recover") as pool:
-        scanned = list(pool.map(lambda s: _scan_headers(block_file, fmt, s, num_slots), range(0, num_slots, _SCAN_BATCH)))
+        scanned = list(pool.map(lambda s: _scan_headers(block_file, fmt, s, num_slots),
+                                range(0, num_slots, _SCAN_BATCH)))
         headers = np.concatenate([h for h, _, _ in scanned])
         unreadable = np.concatenate([u for _, u, _ in scanned])
         h, faults = fmt.header_faults(headers, 0)

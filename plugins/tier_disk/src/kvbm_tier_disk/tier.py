@@ -12,8 +12,8 @@ directory; it is opened so that no other user can have planted it or can reach i
 process of the same namespace and rank holds, headers and data (:mod:`kvbm_tier_disk.recovery`), and
 reports the intact ones (:meth:`recovered`) and what it discarded, by reason
 (:meth:`recovery_report`). Every read is verified before its bytes are used; a read or write the
-kernel fails raises :class:`~kvbm_core.storage.base.TierIOError` naming the file. Options: ``io_threads`` (8), ``io_mb`` (bytes per I/O, 16) and ``lanes`` (staging lanes,
-2 x io_threads).
+kernel fails raises :class:`~kvbm_core.storage.base.TierIOError` naming the file. Options:
+``io_threads`` (8), ``io_mb`` (bytes per I/O, 16) and ``lanes`` (staging lanes, 2 x io_threads).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from kvbm_core.storage import BlockFileStorage, ReadCheck, StagingLanes, check_p
 from kvbm_core.storage.base import RecoveryReport
 from kvbm_tier_disk.blockfile import BlockFile, fallocate, file_stem, open_block_file, recreate
 from kvbm_tier_disk.format import HEADER_BYTES, ChecksumKind, RecordFormat, rank_namespace, record_bytes, xxh3_rows
-from kvbm_tier_disk.location import DIRECTORY_VARIABLE, open_directory
+from kvbm_tier_disk.location import open_directory
 from kvbm_tier_disk.recovery import recover
 
 log = structlog.get_logger("kvbm.tier.disk")
@@ -66,7 +66,7 @@ class LocalDiskTier(BlockFileStorage):
         self.record_bytes = self.format.record_bytes
         directory = settings.disk.directory or None  # None: a private per-user directory
         size = context.num_slots * self.record_bytes
-        self._check_budget(size, directory or DIRECTORY_VARIABLE)
+        self._check_budget(size, directory or f"{self.name} tier")
         self._zerofill = settings.disk.zerofill_fallback
         self._file = open_block_file(directory, file_stem(context.namespace, context.rank), size,
                                      zerofill_fallback=self._zerofill,

@@ -119,7 +119,8 @@ class GdsTier(LocalDiskTier):
             except BaseException:
                 _wait_quietly(futures)  # the device blocks must not be reused while kvikio still reads them
                 raise
-            written = _kvikio_results(futures, self.path, "write", self.format.offset(first_slot), k * self.record_bytes)
+            written = _kvikio_results(futures, self.path, "write", self.format.offset(first_slot),
+                                      k * self.record_bytes)
         finally:
             self.lanes.release(lane_index)
         if any(n != self.bytes_per_block for n in written):
