@@ -151,8 +151,11 @@ def open_block_file(directory: str | None, stem: str, size: int, *, zerofill_fal
         block_file.fd, block_file.direct = _open_io(block_file, disable_o_direct)
         block_file.fresh = fresh or zerofilled
     except BaseException as exc:
-        if os.fstat(lock_fd).st_size == 0:
-            _discard(block_file)  # an empty file this attempt created: leave nothing behind
+        try:
+            if os.fstat(lock_fd).st_size == 0:
+                _discard(block_file)  # an empty file this attempt created: leave nothing behind
+        except OSError:
+            pass  # the filesystem is failing: the error below says so
         os.close(lock_fd)
         tier_dir.close()
         if isinstance(exc, OSError):
