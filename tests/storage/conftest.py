@@ -3,11 +3,16 @@
 ``mount`` mounts a real filesystem (a size-limited or read-only tmpfs, a ramfs, a loop-mounted
 ext4 without extents) under the test's temporary directory and unmounts it afterwards. Mounting
 needs root with CAP_SYS_ADMIN (the CI machine has it); elsewhere those tests are skipped, saying why.
+
+``shared_dir`` is a directory like ``/tmp`` (root's, world-writable, sticky) that every user can
+reach, for the tests where another user acts (:mod:`userkit`).
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,3 +43,13 @@ def mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     yield _mount
     for target in reversed(mounted):
         subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="kvbm-shared-", dir=tempfile.gettempdir()))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -122,6 +122,7 @@ def test_foreign_file_is_recreated_never_served(tmp_path: Path) -> None:
     ours.mkdir()
     target = ours / f"kvbm-{NAMESPACE.hex()}-rank0.blocks"
     shutil.copyfile(foreign.path, target)  # a file of another model under our name
+    target.chmod(0o600)  # private, as kvbm makes its files: only the namespace is wrong
     with capture_logs() as logs:
         tier = LocalDiskTier(make_context("disk", 8, ours))
     assert any("another namespace" in e["event"] for e in logs)
@@ -134,6 +135,7 @@ def test_other_rank_never_reads_this_ranks_records(tmp_path: Path) -> None:
     _write(tier, 0, _keys(1))
     tier.close()
     shutil.copyfile(tier.path, tmp_path / f"kvbm-{NAMESPACE.hex()}-rank1.blocks")
+    (tmp_path / f"kvbm-{NAMESPACE.hex()}-rank1.blocks").chmod(0o600)
     other = LocalDiskTier(make_context("disk", 4, tmp_path, rank=1))
     assert len(other.recovered()[0]) == 0
     other.close()

@@ -1,4 +1,5 @@
-"""Tier contexts for tests: a small layout, one with padding, and a context builder on a real directory."""
+"""Tier contexts for tests: a small layout, one with padding, and a context builder on a real directory
+(``directory=None``: none configured, so the tier uses its private per-user default)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ LAYOUT = BlockLayout(num_layers=2, kv_factor=2, elems_per_block=1024, dtype="bfl
 ODD_LAYOUT = BlockLayout(num_layers=2, kv_factor=2, elems_per_block=1000, dtype="bfloat16", tokens_per_block=16)
 
 
-def make_context(kind: str, num_slots: int, directory: str | Path = "/tmp", *, layout: BlockLayout = LAYOUT,
+def make_context(kind: str, num_slots: int, directory: str | Path | None = None, *, layout: BlockLayout = LAYOUT,
                  namespace: bytes = NAMESPACE, rank: int = 0, world_size: int = 1,
                  capacity_gb: float | None = None, zerofill: bool = False, disable_o_direct: bool = False,
                  options: dict | None = None) -> TierContext:
     spec = TierSpec(kind=kind, capacity_gb=capacity_gb, num_blocks=None if capacity_gb else num_slots,
                     options=options if options is not None else ({"io_mb": 1, "io_threads": 2} if kind != "cpu" else {}))
-    settings = KvbmSettings(disk=DiskSettings(directory=str(directory), zerofill_fallback=zerofill,
-                                              disable_o_direct=disable_o_direct))
+    disk = DiskSettings(zerofill_fallback=zerofill, disable_o_direct=disable_o_direct)
+    # None: no directory configured (the tier picks its private default), whatever the model's default.
+    disk = disk.model_copy(update={"directory": None if directory is None else str(directory)})
+    settings = KvbmSettings(disk=disk)
     return TierContext(spec=spec, layout=layout, num_slots=num_slots, rank=rank, world_size=world_size,
                        namespace=namespace, device=None, settings=settings)

@@ -7,12 +7,19 @@
   read (:class:`ReadCheck`), so a torn, corrupted or foreign record is never handed to the GPU.
 - :class:`StagingLanes`: a fixed set of aligned staging areas (pinned host memory, or device memory
   for GPUDirect reads) that bound how much data is in flight between a file and the GPU.
+- How a file-backed tier reports trouble: a block that fails verification is a ``False`` in its
+  :class:`ReadCheck` (that block is bad; the others of the read are fine); a failed read or write
+  raises :class:`TierIOError`, whose ``device_failed`` says whether the error means the device or
+  filesystem is failing or full (:data:`DEVICE_ERRNOS`). What start-up recovery discarded, and why,
+  is :meth:`BlockFileStorage.recovery_report`.
 
 Tiers own bytes and formats; they never order operations (the engine's hazards do that).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import queue
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
@@ -36,6 +43,66 @@ def check_positive_int_options(options: Mapping[str, Any], key: str, allowed: se
         value = options[name]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{key}.{name}", f"must be a positive integer, got {value!r}")
+
+
+#: Errors that say the device or filesystem under a tier file is failing, full or gone, rather than
+#: that one call was wrong: a caller should count them per tier (a circuit breaker), not blame one block.
+DEVICE_ERRNOS: frozenset[int] = frozenset(
+    getattr(errno, name) for name in (
+        "EIO", "ENOSPC", "EDQUOT", "EROFS", "ESHUTDOWN", "ENODEV", "ENXIO", "ESTALE", "ENOMEDIUM",
+        "EUCLEAN", "EREMOTEIO", "ENOTCONN", "ETIMEDOUT", "ENOLINK", "EBADMSG",
+    ) if hasattr(errno, name)
+)
+
+
+class TierIOError(StorageError):
+    """A read or write of a tier file failed in the kernel (not a record that failed verification).
+
+    ``operation`` is ``read`` or ``write``; ``offset`` and ``nbytes`` say where; ``errno`` is the
+    kernel's error number (``None`` where a library reported no number). ``device_failed`` is True
+    for :data:`DEVICE_ERRNOS` (the device or filesystem is failing, full or read-only: the next I/O
+    to the file will likely fail too), False for an error of this call alone.
+    """
+
+    def __init__(self, path: str, operation: str, offset: int, nbytes: int, errno_: int | None, detail: str = "",
+                 *, device_failed: bool | None = None) -> None:
+        self.operation, self.offset, self.nbytes, self.errno = operation, offset, nbytes, errno_
+        self.device_failed = (errno_ in DEVICE_ERRNOS) if device_failed is None else device_failed
+        what = detail or (os.strerror(errno_) if errno_ is not None else "failed")
+        code = f" ({errno.errorcode.get(errno_, errno_)})" if errno_ is not None else ""
+        verdict = "; the device or filesystem is failing" if self.device_failed else ""
+        super().__init__(path, f"{operation} of {nbytes} bytes at offset {offset} failed: {what}{code}{verdict}")
+
+    @classmethod
+    def from_os_error(cls, path: str, operation: str, offset: int, nbytes: int, exc: OSError) -> "TierIOError":
+        return cls(path, operation, offset, nbytes, exc.errno, exc.strerror or str(exc))
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What a file-backed tier found in the file an earlier process left, at start.
+
+    ``recovered`` records became readable again (:meth:`BlockFileStorage.recovered`). ``discarded``
+    counts the records that were not, by reason (stable labels, usable as a metric label):
+    ``torn_header`` (header checksum or magic wrong), ``uncommitted``, ``misplaced`` (stamped for
+    another slot), ``unknown_checksum``, ``data_checksum`` (the block's bytes fail their checksum),
+    ``read_error`` (the kernel failed the read), ``foreign`` (another namespace or layout: the whole
+    file is started afresh) and ``superseded`` (an older copy of a key whose newer copy was kept:
+    no data lost). ``recreated`` says why the file was started afresh ("" if it was not);
+    ``bytes_verified`` and ``seconds`` measure the data pass.
+    """
+
+    path: str = ""
+    recovered: int = 0
+    discarded: Mapping[str, int] = field(default_factory=dict)
+    recreated: str = ""
+    bytes_verified: int = 0
+    seconds: float = 0.0
+
+    @property
+    def lost(self) -> int:
+        """Records whose data is gone (every reason but ``superseded``)."""
+        return sum(n for reason, n in self.discarded.items() if reason != "superseded")
 
 
 @dataclass(frozen=True)
@@ -143,6 +210,10 @@ class BlockFileStorage(StorageTier):
     def recovered(self) -> tuple[np.ndarray, np.ndarray]:
         """Records found valid at start: ``(slots int64 [n], keys uint64 [n, 2])``."""
 
+    def recovery_report(self) -> RecoveryReport:
+        """What recovery found and discarded (counts by reason); empty for tiers that keep nothing."""
+        return RecoveryReport(recovered=len(self.recovered()[0]))
+
     @abstractmethod
     def data_view(self, lane: torch.Tensor, count: int) -> torch.Tensor:
         """The block bytes of the first ``count`` records of a lane, ``[count, bytes_per_block]``."""
@@ -157,7 +228,11 @@ class BlockFileStorage(StorageTier):
 
     @abstractmethod
     def read_lane(self, lane: torch.Tensor, first_slot: int, keys: np.ndarray) -> ReadCheck:
-        """Read records into a lane and verify each against its expected key."""
+        """Read records into a lane and verify each against its expected key.
+
+        A record that fails verification is ``False`` in the result; a failed read raises
+        :class:`TierIOError` (every record of the call failed).
+        """
 
     def write_device(self, blocks: Sequence[torch.Tensor], first_slot: int, keys: np.ndarray) -> None:
         """Write device blocks straight to the file (``device_direct`` tiers only)."""

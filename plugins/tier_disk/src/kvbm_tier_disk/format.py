@@ -32,6 +32,8 @@ block is never handed to the GPU. Checksums (:class:`ChecksumKind`):
   ``m_i = splitmix64(i) | 1``. The multipliers are odd, so every single-bit error changes the sum.
 
 A reader verifies whichever kind the header names; the same functions run on host and device.
+Why a record may not be served is a :class:`RecordFault`: a read reports its text per block, start-up
+recovery counts its label.
 """
 
 from __future__ import annotations
@@ -56,6 +58,42 @@ FLAG_COMMITTED = 1
 class ChecksumKind(IntEnum):
     XXH3_64 = 1
     WSUM64 = 2
+
+
+class RecordFault(IntEnum):
+    """Why a record may not be served (``OK``: it may). ``label`` names it in recovery reports."""
+
+    OK = 0
+    EMPTY = 1  # never written: the header page is zero
+    TORN_HEADER = 2  # magic, version or header checksum wrong
+    UNCOMMITTED = 3
+    FOREIGN = 4  # another namespace or record geometry
+    MISPLACED = 5  # stamped for another slot
+    WRONG_KEY = 6
+    UNKNOWN_CHECKSUM = 7
+    DATA_CHECKSUM = 8  # the block's bytes fail their checksum
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    def describe(self, header: np.void) -> str:
+        if self == RecordFault.MISPLACED:
+            return f"record stamped for slot {int(header['slot'])}"
+        if self == RecordFault.UNKNOWN_CHECKSUM:
+            return f"unknown checksum kind {int(header['checksum_kind'])}"
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    RecordFault.OK: "intact",
+    RecordFault.EMPTY: "no intact committed record (never written)",
+    RecordFault.TORN_HEADER: "no intact committed record (torn or corrupted header)",
+    RecordFault.UNCOMMITTED: "no intact committed record (not committed)",
+    RecordFault.FOREIGN: "record of another namespace or layout",
+    RecordFault.WRONG_KEY: "holds another block (key mismatch)",
+    RecordFault.DATA_CHECKSUM: "block checksum mismatch (torn or corrupted)",
+}
 
 
 HEADER_DTYPE = np.dtype(
@@ -93,9 +131,14 @@ def rank_namespace(namespace: bytes, rank: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------------ checksums
-def xxh3_rows(rows: torch.Tensor) -> np.ndarray:
-    """xxh3_64 of each row of a host ``[k, n]`` uint8 tensor (rows contiguous)."""
-    return np.array([xxhash.xxh3_64_intdigest(row.numpy()) for row in rows], dtype=np.uint64)
+def xxh3_rows(rows: torch.Tensor, index: np.ndarray | None = None) -> np.ndarray:
+    """xxh3_64 of each row (or of rows ``index``) of a host ``[k, n]`` uint8 tensor (rows contiguous).
+
+    One call per row, on the row in place (no copy); xxhash releases the GIL while it hashes.
+    """
+    array = rows.numpy()
+    picked = range(len(array)) if index is None else index.tolist()
+    return np.fromiter((xxhash.xxh3_64_intdigest(array[i]) for i in picked), dtype=np.uint64, count=len(picked))
 
 
 _multipliers: dict[tuple[int, str], torch.Tensor] = {}
@@ -124,8 +167,13 @@ def wsum64_rows(rows: torch.Tensor) -> np.ndarray:
     return sums.cpu().numpy().view(np.uint64)
 
 
-def checksum_rows(kind: ChecksumKind, rows: torch.Tensor) -> np.ndarray:
-    return xxh3_rows(rows) if kind == ChecksumKind.XXH3_64 else wsum64_rows(rows)
+def checksum_rows(kind: ChecksumKind, rows: torch.Tensor, index: np.ndarray | None = None) -> np.ndarray:
+    """Checksums of kind ``kind`` of the rows of ``rows`` (or of rows ``index`` only)."""
+    if kind == ChecksumKind.XXH3_64:
+        return xxh3_rows(rows, index)
+    if index is not None and len(index) < len(rows):
+        rows = rows[torch.from_numpy(index).to(rows.device)]
+    return wsum64_rows(rows)
 
 
 # -------------------------------------------------------------------------------------- headers
@@ -176,13 +224,22 @@ class RecordFormat:
         Intact: magic, version, header checksum and the committed flag hold. Such a record may still
         belong to another namespace or geometry (:meth:`foreign`).
         """
+        h, faults = self._intact_faults(headers)
+        return h, faults == RecordFault.OK
+
+    def _intact_faults(self, headers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = headers.shape[0]
-        h = np.ascontiguousarray(headers[:, : HEADER_DTYPE.itemsize]).view(HEADER_DTYPE)[:, 0]
-        intact = (h["magic"] == MAGIC) & (h["version"] == VERSION) & ((h["flags"] & FLAG_COMMITTED) != 0)
-        for i in np.flatnonzero(intact):
+        h = np.ascontiguousarray(headers[:, : HEADER_DTYPE.itemsize]).view(HEADER_DTYPE).reshape(n)
+        faults = np.full(n, RecordFault.OK, dtype=np.uint8)
+        sound = (h["magic"] == MAGIC) & (h["version"] == VERSION)
+        for i in np.flatnonzero(sound):  # one xxh3 per header the format needs; the rest is vectorized
             if xxhash.xxh3_64_intdigest(headers[i, :_CHECKED_BYTES]) != int(h["header_checksum"][i]):
-                intact[i] = False
-        return h, intact if n else np.zeros(0, bool)
+                sound[i] = False
+        empty = ~headers[:, : HEADER_DTYPE.itemsize].any(axis=1) if n else np.zeros(0, bool)
+        faults[~sound] = RecordFault.TORN_HEADER
+        faults[empty] = RecordFault.EMPTY
+        faults[sound & ((h["flags"] & FLAG_COMMITTED) == 0)] = RecordFault.UNCOMMITTED
+        return h, faults
 
     def foreign(self, h: np.ndarray) -> np.ndarray:
         """Intact headers that belong to another namespace or record geometry."""
@@ -194,41 +251,48 @@ class RecordFormat:
             | (h["data_bytes"] != self.bytes_per_block)
         )
 
+    def header_faults(self, headers: np.ndarray, first_slot: int,
+                      keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(parsed, faults)`` of consecutive slots from their headers alone (block checksums not
+        yet verified). ``keys`` (``[k, 2]``) are the expected keys; ``None`` (recovery) takes any key."""
+        h, faults = self._intact_faults(headers)
+        n = len(h)
+        unset = faults == RecordFault.OK
+        for fault, hit in (
+            (RecordFault.FOREIGN, self.foreign(h)),
+            (RecordFault.MISPLACED, h["slot"] != np.arange(first_slot, first_slot + n, dtype=np.uint64)),
+            (RecordFault.WRONG_KEY, None if keys is None else np.any(
+                h["key"] != np.asarray(keys, dtype=np.uint64).reshape(n, 2), axis=1)),
+            (RecordFault.UNKNOWN_CHECKSUM, ~np.isin(h["checksum_kind"], [int(c) for c in ChecksumKind])),
+        ):
+            if hit is not None:
+                faults[unset & hit] = fault
+                unset &= ~hit
+        return h, faults
+
+    def data_faults(self, h: np.ndarray, faults: np.ndarray, data: torch.Tensor) -> np.ndarray:
+        """Mark :attr:`RecordFault.DATA_CHECKSUM` on records whose block bytes (``data[i]``) fail."""
+        for kind in ChecksumKind:
+            rows = np.flatnonzero((faults == RecordFault.OK) & (h["checksum_kind"] == int(kind)))
+            if rows.size:
+                sums = checksum_rows(kind, data, rows)
+                faults[rows[sums != h["checksum"][rows]]] = RecordFault.DATA_CHECKSUM
+        return faults
+
+    def reasons(self, h: np.ndarray, faults: np.ndarray, first_slot: int) -> dict[int, str]:
+        """A readable reason for each failed record, by position."""
+        return {int(i): f"slot {first_slot + int(i)}: " + RecordFault(int(faults[i])).describe(h[i])
+                for i in np.flatnonzero(faults != RecordFault.OK)}
+
     def check_headers(self, headers: np.ndarray, first_slot: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """Header checks for consecutive slots: ``(parsed, ok, reasons)``; checksums not yet verified."""
         k = len(keys)
-        h, intact = self.parse(headers[:k])
-        keys = np.asarray(keys, dtype=np.uint64).reshape(k, 2)
-        reasons: dict[int, str] = {}
-        foreign = self.foreign(h)
-        wrong_slot = h["slot"] != np.arange(first_slot, first_slot + k, dtype=np.uint64)
-        wrong_key = (h["key"][:, 0] != keys[:, 0]) | (h["key"][:, 1] != keys[:, 1])
-        bad_kind = ~np.isin(h["checksum_kind"], [int(c) for c in ChecksumKind])
-        for i in range(k):
-            slot = first_slot + i
-            if not intact[i]:
-                reasons[i] = f"slot {slot}: no intact committed record (never written, torn or corrupted header)"
-            elif foreign[i]:
-                reasons[i] = f"slot {slot}: record of another namespace or layout"
-            elif wrong_slot[i]:
-                reasons[i] = f"slot {slot}: record stamped for slot {int(h['slot'][i])}"
-            elif wrong_key[i]:
-                reasons[i] = f"slot {slot}: holds another block (key mismatch)"
-            elif bad_kind[i]:
-                reasons[i] = f"slot {slot}: unknown checksum kind {int(h['checksum_kind'][i])}"
-        ok = np.ones(k, dtype=bool)
-        ok[list(reasons)] = False
-        return h, ok, reasons
+        h, faults = self.header_faults(headers[:k], first_slot, keys)
+        return h, faults == RecordFault.OK, self.reasons(h, faults, first_slot)
 
     def verify(self, headers: np.ndarray, data: torch.Tensor, first_slot: int, keys: np.ndarray) -> ReadCheck:
         """Full verification of consecutive records whose block bytes are in host ``data[:k]``."""
-        h, ok, reasons = self.check_headers(headers, first_slot, keys)
-        for kind in ChecksumKind:
-            rows = np.flatnonzero(ok & (h["checksum_kind"] == int(kind)))
-            if rows.size == 0:
-                continue
-            sums = checksum_rows(kind, data[torch.from_numpy(rows)] if rows.size < len(keys) else data[: len(keys)])
-            for i in rows[sums != h["checksum"][rows]]:
-                ok[i] = False
-                reasons[int(i)] = f"slot {first_slot + int(i)}: block checksum mismatch (torn or corrupted)"
-        return ReadCheck(ok, reasons)
+        k = len(keys)
+        h, faults = self.header_faults(headers[:k], first_slot, keys)
+        faults = self.data_faults(h, faults, data[:k])
+        return ReadCheck(faults == RecordFault.OK, self.reasons(h, faults, first_slot))

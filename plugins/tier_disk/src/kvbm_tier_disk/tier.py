@@ -6,20 +6,22 @@ so a slot takes :meth:`LocalDiskTier.bytes_per_slot` bytes, slightly more than `
 the leader sizes ``num_slots`` with it, and the tier refuses to start if the file would exceed the
 configured capacity (``capacity_gb`` / world size; an explicit block count is taken as asked).
 
-At start the tier scans the headers of a file left by an earlier process of the same namespace and
-rank and reports the intact records (:meth:`recovered`). Every read is verified before its bytes are
-used. Options: ``io_threads`` (8), ``io_mb`` (bytes per I/O, 16) and ``lanes`` (staging lanes,
-2 x io_threads).
+The file lives in ``DYN_KVBM_DISK_CACHE_DIR`` or, when that is unset, in a private per-user
+directory; it is opened so that no other user can have planted it or can reach it
+(:mod:`kvbm_tier_disk.location`). At start the tier verifies the records a file left by an earlier
+process of the same namespace and rank holds, headers and data (:mod:`kvbm_tier_disk.recovery`), and
+reports the intact ones (:meth:`recovered`) and what it discarded, by reason
+(:meth:`recovery_report`). Every read is verified before its bytes are used; a read or write the
+kernel fails raises :class:`~kvbm_core.storage.base.TierIOError` naming the file. Options:
+``io_threads`` (8), ``io_mb`` (bytes per I/O, 16) and ``lanes`` (staging lanes, 2 x io_threads).
 """
 
 from __future__ import annotations
 
 import itertools
-import mmap
 import os
 import tempfile
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -31,21 +33,15 @@ from kvbm_core.interfaces import CheckResult, TierContext
 from kvbm_core.layout import BlockLayout
 from kvbm_core.settings.model import KvbmSettings
 from kvbm_core.storage import BlockFileStorage, ReadCheck, StagingLanes, check_positive_int_options
+from kvbm_core.storage.base import RecoveryReport
 from kvbm_tier_disk.blockfile import BlockFile, fallocate, file_stem, open_block_file, recreate
-from kvbm_tier_disk.format import (
-    HEADER_BYTES,
-    HEADER_DTYPE,
-    ChecksumKind,
-    RecordFormat,
-    rank_namespace,
-    record_bytes,
-    xxh3_rows,
-)
+from kvbm_tier_disk.format import HEADER_BYTES, ChecksumKind, RecordFormat, rank_namespace, record_bytes, xxh3_rows
+from kvbm_tier_disk.location import open_directory
+from kvbm_tier_disk.recovery import recover
 
 log = structlog.get_logger("kvbm.tier.disk")
 
 _OPTIONS = {"io_threads", "io_mb", "lanes"}
-_SCAN_BATCH = 256
 
 
 class LocalDiskTier(BlockFileStorage):
@@ -68,9 +64,9 @@ class LocalDiskTier(BlockFileStorage):
         self.bytes_per_block = layout.bytes_per_block
         self.format = RecordFormat(layout.bytes_per_block, rank_namespace(context.namespace, context.rank))
         self.record_bytes = self.format.record_bytes
-        directory = os.path.abspath(settings.disk.directory)
+        directory = settings.disk.directory or None  # None: a private per-user directory
         size = context.num_slots * self.record_bytes
-        self._check_budget(size, directory)
+        self._check_budget(size, directory or f"{self.name} tier")
         self._zerofill = settings.disk.zerofill_fallback
         self._file = open_block_file(directory, file_stem(context.namespace, context.rank), size,
                                      zerofill_fallback=self._zerofill,
@@ -82,11 +78,13 @@ class LocalDiskTier(BlockFileStorage):
         self.lanes = StagingLanes(int(options.get("lanes", 2 * self.io_threads)), self.io_records,
                                   self.record_bytes, device=context.device,
                                   label=f"{self.name} tier staging rank {context.rank}")
-        slots, keys, next_generation = self._recover()
-        self._recovered = (slots, keys)
-        self._generation = itertools.count(next_generation)
+        recovery = recover(self._file, self.format, context.num_slots, self.lanes, self.io_threads,
+                           lambda: recreate(self._io(), self._zerofill))
+        self._recovered = (recovery.slots, recovery.keys)
+        self._report = recovery.report
+        self._generation = itertools.count(recovery.next_generation)
         log.info("disk tier ready", path=self.path, rank=context.rank, slots=context.num_slots,
-                 record_bytes=self.record_bytes, io=self.mode, recovered=len(slots))
+                 record_bytes=self.record_bytes, io=self.mode, recovered=len(recovery.slots))
 
     # ------------------------------------------------------------------------------- set-up
     def _check_budget(self, size: int, directory: str) -> None:
@@ -99,55 +97,12 @@ class LocalDiskTier(BlockFileStorage):
                     f"exceed the {self.name} tier's capacity of {budget:.0f} bytes per rank; size num_slots "
                     f"with the tier's bytes_per_slot ({self.record_bytes}), not bytes_per_block"))
 
-    def _recover(self) -> tuple[np.ndarray, np.ndarray, int]:
-        empty = (np.zeros(0, np.int64), np.zeros((0, 2), np.uint64), 1)
-        assert self._file is not None
-        if self._file.fresh:
-            return empty
-        n = self.context.num_slots
-        starts = range(0, n, _SCAN_BATCH)
-        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvbm-disk-scan") as pool:
-            headers = np.concatenate(list(pool.map(self._scan, starts)))
-        h, intact = self.format.parse(headers)
-        foreign = intact & self.format.foreign(h)
-        if foreign.any():
-            log.warning("tier file holds records of another namespace or layout: recreating it",
-                        path=self.path, foreign_records=int(foreign.sum()))
-            recreate(self._file, self._zerofill)
-            return empty
-        valid = intact & (h["slot"] == np.arange(n, dtype=np.uint64))
-        slots = np.flatnonzero(valid).astype(np.int64)
-        keys, generations = h["key"][valid], h["generation"][valid]
-        if len(slots) == 0:
-            return empty
-        # The newest record of each key wins; older copies are left to be overwritten.
-        order = np.lexsort((generations, keys[:, 1], keys[:, 0]))
-        keys_sorted = keys[order]
-        last = np.ones(len(order), dtype=bool)
-        last[:-1] = np.any(keys_sorted[1:] != keys_sorted[:-1], axis=1)
-        keep = np.sort(order[last])
-        return slots[keep], keys[keep], int(generations.max()) + 1
-
-    def _scan(self, start: int) -> np.ndarray:
-        assert self._file is not None
-        count = min(_SCAN_BATCH, self.context.num_slots - start)
-        buf = mmap.mmap(-1, HEADER_BYTES)
-        out = np.zeros((count, HEADER_DTYPE.itemsize), dtype=np.uint8)
-        try:
-            view = memoryview(buf)
-            page = np.frombuffer(buf, dtype=np.uint8)
-            for i in range(count):
-                if self._file.pread_into(view, self.format.offset(start + i)) == HEADER_BYTES:
-                    out[i] = page[: HEADER_DTYPE.itemsize]
-            del page
-            view.release()
-        finally:
-            buf.close()
-        return out
-
     # -------------------------------------------------------------------------------- I/O
     def recovered(self) -> tuple[np.ndarray, np.ndarray]:
         return self._recovered
+
+    def recovery_report(self) -> RecoveryReport:
+        return self._report
 
     def data_view(self, lane: torch.Tensor, count: int) -> torch.Tensor:
         return lane[:count, HEADER_BYTES:HEADER_BYTES + self.bytes_per_block]
@@ -219,16 +174,22 @@ class LocalDiskTier(BlockFileStorage):
 
 
 def diagnose_directory(settings: KvbmSettings, spec: Any) -> list[CheckResult]:
-    """``kvbm doctor`` checks of the disk cache directory: writable, free space, fallocate, O_DIRECT."""
-    directory = os.path.abspath(settings.disk.directory)
+    """``kvbm doctor`` checks of the disk cache directory: safe from other users, writable, free space,
+    fallocate, O_DIRECT. The private default directory is created if missing, as the tier would."""
+    try:
+        opened = open_directory(settings.disk.directory or None)
+    except StorageError as exc:
+        return [CheckResult("disk directory", "fail", str(exc))]
+    opened.close()
+    directory = opened.path
     checks: list[CheckResult] = []
     try:
-        os.makedirs(directory, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".kvbm-probe-")
     except OSError as exc:
         return [CheckResult("disk directory", "fail", f"{directory}: {exc.strerror or exc}")]
     with probe:
-        checks.append(CheckResult("disk directory", "pass", f"{directory} is writable"))
+        checks.append(CheckResult("disk directory", "pass", f"{directory} is writable and no other user can "
+                                                            f"replace files in it"))
         vfs = os.statvfs(directory)
         free = vfs.f_bavail * vfs.f_frsize
         capacity = (spec.capacity_gb or 0) * 1e9 if spec is not None else 0

@@ -29,12 +29,15 @@ import numpy as np
 import structlog
 import torch
 
+from kvbm_core.errors import StorageError
 from kvbm_core.hookspecs import hookimpl
 from kvbm_core.interfaces import CheckResult, TierContext
 from kvbm_core.settings.model import KvbmSettings
 from kvbm_core.storage import ReadCheck, StagingLanes
+from kvbm_core.storage.base import TierIOError
 from kvbm_tier_disk import LocalDiskTier
 from kvbm_tier_disk.format import HEADER_BYTES, ChecksumKind, wsum64_rows, xxh3_rows
+from kvbm_tier_disk.location import is_same_file
 from kvbm_tier_disk.tier import diagnose_directory
 
 log = structlog.get_logger("kvbm.tier.gds")
@@ -85,7 +88,10 @@ class GdsTier(LocalDiskTier):
                 kvikio.defaults.set("num_threads", self.io_threads)
             except Exception as exc:
                 log.warning("could not raise kvikio's thread count", error=str(exc))
-            self._cufile = kvikio.CuFile(self.path, "r+")
+            self._cufile = kvikio.CuFile(self.path, "r+")  # kvikio opens by path: check it is our file
+            if not is_same_file(self._io().directory, self._io().name, self._io().lock_fd):
+                self._cufile.close()
+                raise StorageError(self.path, "the tier file was replaced while kvikio opened it")
             self.device_lanes = StagingLanes(self.io_threads, self.io_records, self.bytes_per_block,
                                              device=device, on_device=True, label="gds staging")
             self.device_direct = True
@@ -107,13 +113,20 @@ class GdsTier(LocalDiskTier):
             io = self._io()
             futures = [self._cufile.pwrite(blocks[i], self.bytes_per_block,
                                            self.format.offset(first_slot + i) + HEADER_BYTES) for i in range(k)]
-            for i in range(k):
-                io.pwrite_all([memoryview(headers[i])], self.format.offset(first_slot + i))
-            written = [f.get() for f in futures]
+            try:
+                for i in range(k):
+                    io.pwrite_all([memoryview(headers[i])], self.format.offset(first_slot + i))
+            except BaseException:
+                _wait_quietly(futures)  # the device blocks must not be reused while kvikio still reads them
+                raise
+            written = _kvikio_results(futures, self.path, "write", self.format.offset(first_slot),
+                                      k * self.record_bytes)
         finally:
             self.lanes.release(lane_index)
         if any(n != self.bytes_per_block for n in written):
-            raise OSError(f"{self.path}: short GPUDirect write ({written})")
+            raise TierIOError(self.path, "write", self.format.offset(first_slot), k * self.record_bytes, None,
+                              f"short GPUDirect write ({written} of {self.bytes_per_block} bytes per block)",
+                              device_failed=True)
 
     def read_device(self, staging: torch.Tensor, first_slot: int, keys: np.ndarray) -> ReadCheck:
         k = len(keys)
@@ -124,10 +137,14 @@ class GdsTier(LocalDiskTier):
                                           self.format.offset(first_slot + i) + HEADER_BYTES) for i in range(k)]
             headers = lane[:k, :HEADER_BYTES].numpy()
             io = self._io()
-            for i in range(k):
-                if io.pread_into(memoryview(headers[i]), self.format.offset(first_slot + i)) != HEADER_BYTES:
-                    headers[i] = 0
-            got = [f.get() for f in futures]
+            try:
+                for i in range(k):
+                    if io.pread_into(memoryview(headers[i]), self.format.offset(first_slot + i)) != HEADER_BYTES:
+                        headers[i] = 0
+            except BaseException:
+                _wait_quietly(futures)  # the staging lane must not be released while kvikio still fills it
+                raise
+            got = _kvikio_results(futures, self.path, "read", self.format.offset(first_slot), k * self.record_bytes)
             h, ok, reasons = self.format.check_headers(headers, first_slot, keys)
             for i, n in enumerate(got):
                 if n != self.bytes_per_block and ok[i]:
@@ -174,6 +191,27 @@ class GdsTier(LocalDiskTier):
             self.device_lanes.close()
             self.device_lanes = None
         super().close()
+
+
+def _kvikio_results(futures: list[Any], path: str, operation: str, offset: int, nbytes: int) -> list[int]:
+    """Wait for kvikio I/O futures; a failure becomes a :class:`TierIOError` naming the file.
+
+    kvikio reports most failures without an errno (``RuntimeError``): those are not classified as
+    device failures (``device_failed`` False) unless the errno says so.
+    """
+    try:
+        return [int(f.get()) for f in futures]
+    except Exception as exc:
+        raise TierIOError(path, operation, offset, nbytes, getattr(exc, "errno", None),
+                          f"GPUDirect {operation} failed: {exc}") from exc
+
+
+def _wait_quietly(futures: list[Any]) -> None:
+    for f in futures:
+        try:
+            f.get()
+        except Exception:  # the error being raised already says what failed
+            pass
 
 
 @hookimpl
