@@ -27,7 +27,7 @@ from kvbm_core.worker import TransferEngine
 from kvbm_tier_disk import LocalDiskTier
 from kvbm_tier_disk.format import HEADER_BYTES
 
-from tierkit import LAYOUT, make_context
+from tierkit import LAYOUT, make_context, stage
 
 BPB = LAYOUT.bytes_per_block
 EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
@@ -53,15 +53,11 @@ def ext4(mount) -> Path:
     return mount("ext4", image_mb=32, mkfs=["mkfs.ext4", "-q", "-F"])
 
 
-def _engine_run(tier: LocalDiskTier, pool: torch.Tensor, route: Route, slots: np.ndarray, keys: np.ndarray):
+def _store(tier: LocalDiskTier, pool: torch.Tensor, slots: np.ndarray, keys: np.ndarray):
+    """Device blocks ``0..n`` -> disk ``slots``, through the transfer engine."""
     engine = TransferEngine(pool, LAYOUT, {TierLevel.DISK: tier}, rank=0)
-    n = len(slots)
-    step = StepOps.build(0, [(1, route, 0, slots if route == Route.DISK2D else np.arange(n),
-                               np.arange(n) if route == Route.DISK2D else slots, keys)])
-    if route == Route.DISK2D:
-        engine.start_loads(step.select({route}), None, blocking=True)
-    else:
-        engine.start_stores(step.select({route}), None)
+    step = StepOps.build(0, [(1, Route.D2DISK, 0, np.arange(len(slots)), slots, keys)])
+    engine.start_stores(step.select({Route.D2DISK}), None)
     (result,) = engine.drain(30)
     engine.close()
     return result
@@ -70,7 +66,7 @@ def _engine_run(tier: LocalDiskTier, pool: torch.Tensor, route: Route, slots: np
 def test_failing_filesystem_raises_device_errors_that_name_the_file(ext4: Path) -> None:
     tier = LocalDiskTier(make_context("disk", 8, ext4))
     pool = torch.randint(0, 256, (4, BPB), dtype=torch.uint8)
-    assert _engine_run(tier, pool, Route.D2DISK, np.arange(4), _keys(4)).ok
+    assert _store(tier, pool, np.arange(4), _keys(4)).ok
     _shut_down(ext4)
 
     lane = tier.lanes.lane(tier.lanes.acquire(1.0))
@@ -89,19 +85,18 @@ def test_failing_filesystem_raises_device_errors_that_name_the_file(ext4: Path) 
 def test_engine_reports_a_failing_device_apart_from_a_bad_block(ext4: Path) -> None:
     tier = LocalDiskTier(make_context("disk", 8, ext4))
     pool = torch.randint(0, 256, (4, BPB), dtype=torch.uint8)
-    assert _engine_run(tier, pool, Route.D2DISK, np.arange(4), _keys(4)).ok
+    assert _store(tier, pool, np.arange(4), _keys(4)).ok
     with open(tier.path, "r+b") as f:  # one bad block: a flipped bit in slot 1's data
         f.seek(tier.record_bytes + HEADER_BYTES + 11)
         b = f.read(1)[0]
         f.seek(tier.record_bytes + HEADER_BYTES + 11)
         f.write(bytes([b ^ 4]))
-    out = torch.zeros(4, BPB, dtype=torch.uint8)
-    bad_block = _engine_run(tier, out, Route.DISK2D, np.arange(4), _keys(4))
+    bad_block, out = stage(tier, np.arange(4), _keys(4))
     assert not bad_block.ok and bad_block.failed_blocks == (1,) and "checksum mismatch" in bad_block.error
     assert torch.equal(out[[0, 2, 3]], pool[[0, 2, 3]])  # the rest of the read served
 
     _shut_down(ext4)
-    failing = _engine_run(tier, out, Route.DISK2D, np.arange(4), _keys(4))
+    failing, _ = stage(tier, np.arange(4), _keys(4))
     assert not failing.ok and failing.failed_blocks == (0, 1, 2, 3)
     assert "TierIOError" in failing.error and tier.path in failing.error
     assert "device or filesystem is failing" in failing.error

@@ -15,22 +15,20 @@ from kvbm_tier_disk import LocalDiskTier
 from kvbm_tier_disk.format import HEADER_BYTES, ChecksumKind, wsum64_rows
 from kvbm_tier_gds import GdsTier, probe_mode
 
-from tierkit import LAYOUT, make_context
+from tierkit import LAYOUT, make_context, stage
 
 BPB = LAYOUT.bytes_per_block
 
 
 def _store_then_load(tier, pool: torch.Tensor, slots: np.ndarray, keys: np.ndarray, load_keys: np.ndarray | None = None):
+    """Device blocks -> the tier's ``slots``, then staged back into host rows (verified against ``load_keys``)."""
     engine = TransferEngine(pool, LAYOUT, {TierLevel.DISK: tier}, rank=0)
     n = len(slots)
     engine.start_stores(StepOps.build(0, [(1, Route.D2DISK, 0, np.arange(n), slots, keys)]).select({Route.D2DISK}), None)
     stored = engine.drain(30)
-    engine.start_loads(StepOps.build(1, [(2, Route.DISK2D, 0, slots, np.arange(n, 2 * n),
-                                          keys if load_keys is None else load_keys)]).select({Route.DISK2D}),
-                       None, blocking=True)
-    loaded = engine.drain(30)
     engine.close()
-    return stored, loaded
+    loaded, rows = stage(tier, slots, keys if load_keys is None else load_keys)
+    return stored, loaded, rows
 
 
 def test_without_cuda_it_falls_back_loudly_and_still_works(tmp_path: Path) -> None:
@@ -40,8 +38,8 @@ def test_without_cuda_it_falls_back_loudly_and_still_works(tmp_path: Path) -> No
     assert any(e["log_level"] == "warning" and "GPUDirect Storage is not available" in e["event"] for e in logs)
     pool = torch.randint(0, 256, (8, BPB), dtype=torch.uint8)
     keys = np.arange(8, dtype=np.uint64).reshape(4, 2)
-    stored, loaded = _store_then_load(tier, pool, np.array([6, 0, 1, 2]), keys)
-    assert stored[0].ok and loaded[0].ok and torch.equal(pool[4:8], pool[0:4])
+    stored, loaded, rows = _store_then_load(tier, pool, np.array([6, 0, 1, 2]), keys)
+    assert stored[0].ok and loaded.ok and torch.equal(rows[:4], pool[0:4])
     tier.close()
 
 
@@ -63,11 +61,9 @@ def test_disk_and_gds_tiers_read_each_others_files(tmp_path: Path) -> None:
 
     gds = GdsTier(make_context("gds", 8, tmp_path))  # same namespace and rank: the same file
     assert gds.recovered()[0].tolist() == [0, 1, 2, 3]
-    out = torch.zeros(8, BPB, dtype=torch.uint8)
-    engine = TransferEngine(out, LAYOUT, {TierLevel.DISK: gds}, rank=0)
-    engine.start_loads(StepOps.build(0, [(1, Route.DISK2D, 0, np.arange(4), np.arange(4), keys)]).select({Route.DISK2D}),
-                       None, blocking=True)
-    assert engine.drain(30)[0].ok and torch.equal(out[:4], pool[:4])
+    loaded, rows = stage(gds, np.arange(4), keys)
+    assert loaded.ok and torch.equal(rows, pool[:4])
+    engine = TransferEngine(pool, LAYOUT, {TierLevel.DISK: gds}, rank=0)
     engine.start_stores(StepOps.build(1, [(2, Route.D2DISK, 0, np.arange(4, 8), np.arange(4, 8), keys + np.uint64(50))])
                         .select({Route.D2DISK}), None)
     assert engine.drain(30)[0].ok

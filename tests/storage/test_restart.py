@@ -18,7 +18,7 @@ from kvbm_core.worker import TransferEngine
 from kvbm_tier_disk import LocalDiskTier
 from kvbm_tier_disk.format import HEADER_BYTES, ChecksumKind, xxh3_rows
 
-from tierkit import LAYOUT, make_context
+from tierkit import LAYOUT, make_context, stage
 from restart_writer import content
 
 HERE = Path(__file__).parent
@@ -31,22 +31,12 @@ def _writer(directory: Path, slots: int, count: int, **kw) -> subprocess.Popen:
                             env=env, text=True, **kw)
 
 
-def _load(tier: LocalDiskTier, slots: np.ndarray, keys: np.ndarray):
-    pool = torch.zeros(len(slots), BPB, dtype=torch.uint8)
-    engine = TransferEngine(pool, LAYOUT, {TierLevel.DISK: tier}, rank=0)
-    step = StepOps.build(0, [(9, Route.DISK2D, 1, slots, np.arange(len(slots)), keys)])
-    engine.start_loads(step.select({Route.DISK2D}), None, blocking=True)
-    (result,) = engine.drain(30)
-    engine.close()
-    return result, pool
-
-
 def test_second_process_reads_blocks_the_first_wrote(tmp_path: Path) -> None:
     assert _writer(tmp_path, 16, 10).wait(timeout=120) == 0
     tier = LocalDiskTier(make_context("disk", 16, tmp_path))
     slots, keys = tier.recovered()
     assert slots.tolist() == list(range(10))
-    result, pool = _load(tier, slots, keys)
+    result, pool = stage(tier, slots, keys)
     assert result.ok and result.num_bytes == 10 * BPB
     assert torch.equal(pool, content(keys, BPB))
     tier.close()
@@ -71,9 +61,9 @@ def test_torn_write_is_never_served(tmp_path: Path) -> None:
 
     again = LocalDiskTier(make_context("disk", 8, tmp_path))
     for key in (new_key, old_keys[2:3]):
-        result, _ = _load(again, np.array([2]), key)
+        result, _ = stage(again, np.array([2]), key)
         assert not result.ok and result.failed_blocks == (0,) and result.num_bytes == 0
-    result, pool = _load(again, np.array([0, 1, 3]), old_keys[[0, 1, 3]])
+    result, pool = stage(again, np.array([0, 1, 3]), old_keys[[0, 1, 3]])
     assert result.ok and torch.equal(pool, content(old_keys[[0, 1, 3]], BPB))
     again.close()
 
@@ -91,7 +81,7 @@ def test_writer_killed_mid_write_leaves_nothing_wrong(tmp_path: Path) -> None:
     tier = LocalDiskTier(make_context("disk", 32, tmp_path))
     slots, keys = tier.recovered()
     assert len(slots) > 0
-    result, pool = _load(tier, slots, keys)
+    result, pool = stage(tier, slots, keys)
     good = np.setdiff1d(np.arange(len(slots)), result.failed_blocks)
     assert len(good) > 0
     assert torch.equal(pool[good], content(keys[good], BPB))  # whatever is served is exactly right

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvbm_core.interfaces import TierContext
+import numpy as np
+import torch
+
+from kvbm_core.interfaces import StorageTier, TierContext, TierLevel
 from kvbm_core.layout import BlockLayout
+from kvbm_core.ops import Op, OpResult, Route
 from kvbm_core.settings.model import DiskSettings, KvbmSettings, TierSpec
 
 NAMESPACE = bytes(range(16))
@@ -27,3 +31,22 @@ def make_context(kind: str, num_slots: int, directory: str | Path | None = None,
     settings = KvbmSettings(disk=disk)
     return TierContext(spec=spec, layout=layout, num_slots=num_slots, rank=rank, world_size=world_size,
                        namespace=namespace, device=None, settings=settings)
+
+
+def stage(disk: StorageTier, slots: np.ndarray, keys: np.ndarray, *, layout: BlockLayout = LAYOUT
+          ) -> tuple[OpResult, torch.Tensor]:
+    """Read disk ``slots`` into a fresh host tier as the leader stages them (verified), through the
+    transfer engine; returns the result and the host rows ``0..n``."""
+    from kvbm_core.worker import TransferEngine
+    from kvbm_tier_cpu import PinnedHostTier
+
+    slots = np.asarray(slots, np.int64)
+    host = PinnedHostTier(make_context("cpu", len(slots), layout=layout))
+    pool = torch.zeros(1, layout.bytes_per_block, dtype=torch.uint8)
+    engine = TransferEngine(pool, layout, {TierLevel.HOST: host, TierLevel.DISK: disk}, rank=0)
+    try:
+        result = engine.run_now(Op(1, Route.DISK2H, 0, slots, np.arange(len(slots)), np.asarray(keys)), timeout=30)
+        return result, host.slots.clone()
+    finally:
+        engine.close()
+        host.close()
