@@ -41,7 +41,7 @@ class PipelinePlan:
     def describe(self) -> str:
         """One line for humans, e.g. ``offload d2h (cpu), h2disk (disk, filter frequency); onboard h2d, disk2d``."""
         if self.shape == "none":
-            return f"no tier configured: kvbm does nothing ({NO_TIER_HINT})"
+            return f"no tier configured: the connector refuses to start ({NO_TIER_HINT})"
         dest = {Route.D2H: self.host, Route.H2DISK: self.disk, Route.D2DISK: self.disk}
         offload = []
         for route in self.offload:
