@@ -230,6 +230,11 @@ def _check_pipeline(settings: KvbmSettings, registry: Registry, label: str | Non
     tier_types = registry.types("tier")
     levels = []
     for i, tier in enumerate(settings.tiers):
+        if tier.kind not in tier_types:  # a tier the environment added (cpu, disk) whose plugin is missing
+            origin = sources.get(f"tiers.{tier.kind}.kind", "")
+            key = origin.removeprefix("env:") if origin.startswith("env:") else f"{where}tiers[{i}].kind"
+            hint = _install_hint("tier", tier.kind)
+            raise ConfigError(key, f"unknown tier kind {tier.kind!r}{hint}", tier_types.keys() or ["(none installed)"])
         cls = registry.get("tier", tier.kind, f"{where}tiers[{i}].kind")
         cls.validate_options(tier.options, f"{where}tiers[{i}].options")
         levels.append(tier_types[tier.kind].cls.level)
