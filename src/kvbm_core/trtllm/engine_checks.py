@@ -14,8 +14,9 @@ parallelism.
 - ``kv_cache_config.enable_partial_reuse`` true: warn (device matches that end inside a block get no
   kvbm match);
 - ``backend`` other than ``pytorch``: fail (connectors exist only in the PyTorch backend);
-- ``kv_connector_config``: its module must import and name both classes (a YAML without it does not
-  load kvbm: fail). ``llm_args`` without it are accepted: the engine has already loaded kvbm.
+- ``kv_connector_config`` (YAML only): its module must import and name both classes; a YAML without
+  it does not load kvbm (fail). ``llm_args`` are not checked for it: the engine has already loaded
+  the classes that are checking.
 
 This module imports nothing of TensorRT-LLM's; it only reads the values it is given.
 """
@@ -52,7 +53,8 @@ def engine_findings(source: Any) -> list[EngineFinding]:
     """Every finding for ``source``: a TensorRT-LLM ``llm_args`` object or a parsed LLM-API YAML mapping."""
     from_yaml = isinstance(source, Mapping)
     out = [_backend(source), _block_reuse(source), _pipeline(source), _host_cache(source), _partial_reuse(source, from_yaml)]
-    out += _connector(source, from_yaml)
+    if from_yaml:
+        out += _connector(source)
     return out
 
 
@@ -124,14 +126,12 @@ def _partial_reuse(source: Any, from_yaml: bool) -> EngineFinding:
     return EngineFinding(key, PASS, "off")
 
 
-def _connector(source: Any, from_yaml: bool) -> list[EngineFinding]:
+def _connector(source: Mapping[str, Any]) -> list[EngineFinding]:
     key = "kv_connector_config"
     config = _get(source, key)
     if config is None:
-        if from_yaml:
-            return [EngineFinding(key, FAIL, "missing: TRT-LLM will not load kvbm", "connector_module: kvbm_core.trtllm.connector, "
-                                  "connector_scheduler_class: KvbmConnectorLeader, connector_worker_class: KvbmConnectorWorker")]
-        return []
+        return [EngineFinding(key, FAIL, "missing: TRT-LLM will not load kvbm", "connector_module: kvbm_core.trtllm.connector, "
+                              "connector_scheduler_class: KvbmConnectorLeader, connector_worker_class: KvbmConnectorWorker")]
     names = {k: _get(config, k) for k in CONNECTOR_KEYS}
     missing = [k for k, v in names.items() if not isinstance(v, str) or not v]
     if missing:
