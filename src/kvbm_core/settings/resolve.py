@@ -262,12 +262,12 @@ def _check_pipeline(settings: KvbmSettings, registry: Registry, label: str | Non
 
 
 def _check_options(build: Any, cls: type, options: Mapping[str, Any], key: str) -> None:
-    """Options as the leader will use them: a plugin's ``validate_options`` when it has one, else the
-    plugin built with them (its constructor checks them), so this rejects exactly what the leader would."""
+    """Options as the leader will use them: the plugin's ``validate_options`` when it has one, then the
+    plugin built with them as the leader builds it (its constructor checks them too), so this rejects
+    exactly what the leader would."""
     validate = getattr(cls, "validate_options", None)
     if validate is not None:
         validate(options, key)
-        return
     try:
         build()
     except ConfigError:
