@@ -8,7 +8,10 @@ bound key-value pairs, never formatted into the message::
     with bound(request_id=7, tier="disk"):
         log.info("onboard done", blocks=12)
 
-Records of the standard ``logging`` module (aetcd, nats, grpc) go through the same renderer.
+Records of the standard ``logging`` module (aetcd, nats, grpc) go through the same renderer, but
+``DYN_KVBM_LOG_LEVEL`` sets the level of kvbm's own loggers only: other libraries keep theirs
+(warnings and above by default), so ``debug`` shows kvbm's decisions, not matplotlib's font search.
+In the JSON format every line is a JSON object: Python warnings are routed through logging too.
 Calling :func:`configure` again replaces the previous configuration; it never adds handlers twice.
 """
 
@@ -25,6 +28,7 @@ import structlog
 from kvbm_core.settings.model import LoggingSettings
 
 _HANDLER_NAME = "kvbm"
+KVBM_LOGGER = "kvbm"
 
 _SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
@@ -66,8 +70,8 @@ def configure(settings: LoggingSettings | None = None, stream: TextIO | None = N
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
         )
     )
+    kvbm = logging.getLogger(KVBM_LOGGER)
     if scope is None:  # a process-wide configuration replaces any scoped one made earlier
-        kvbm = logging.getLogger("kvbm")
         for old in [h for h in kvbm.handlers if h.get_name() == _HANDLER_NAME]:
             kvbm.removeHandler(old)
         kvbm.propagate = True
@@ -75,8 +79,13 @@ def configure(settings: LoggingSettings | None = None, stream: TextIO | None = N
     for old in [h for h in target.handlers if h.get_name() == _HANDLER_NAME]:
         target.removeHandler(old)
     target.addHandler(handler)
-    target.setLevel(level)
-    if scope is not None:
+    kvbm.setLevel(level)
+    if scope is None:
+        # Other libraries log through the root logger at their own level: warnings and above, or
+        # higher when kvbm's level is higher (DYN_KVBM_LOG_LEVEL=error quiets everything).
+        target.setLevel(max(level, logging.WARNING))
+        logging.captureWarnings(settings.format == "json")
+    else:
         target.propagate = False
 
 

@@ -1,47 +1,54 @@
 """The Prometheus exporter: a plugin of the event hooks, serving ``/metrics`` on the leader.
 
 Registered by :mod:`kvbm_core.builtin`. When ``settings.metrics.enabled`` (``DYN_KVBM_METRICS``),
-``kvbm_pipeline_built`` starts an HTTP server on ``0.0.0.0:settings.metrics.port``
-(``DYN_KVBM_METRICS_PORT``, 6880) with a private ``CollectorRegistry``; ``kvbm_pipeline_closed``
-stops it. One pipeline per process is exported; a second one built while the first is open is not.
+``kvbm_pipeline_built`` starts an HTTP server on ``settings.metrics.host`` (``DYN_KVBM_METRICS_HOST``,
+all interfaces by default) and ``settings.metrics.port`` (``DYN_KVBM_METRICS_PORT``, 6880) with a
+private ``CollectorRegistry``; ``kvbm_pipeline_closed`` stops it. One pipeline per process is
+exported; a second one built while the first is open is not.
 
-Names are exactly Dynamo's, so its Grafana dashboard works unchanged:
+**kvbm's own series follow Prometheus' conventions**: every count is a Counter (its sample ends in
+``_total``), every series of every route and tier exists from the start at 0, so a panel shows 0,
+not "No data", until something happens:
 
-=============================  =================================================================
-``kvbm_matched_tokens``        tokens the tiers below the GPU matched (host + disk)
-``kvbm_offload_blocks_d2h``    blocks offloaded device -> host (route ``d2h``)
-``kvbm_offload_blocks_h2d``    blocks offloaded host -> **disk** (route ``h2disk``; Dynamo's name)
-``kvbm_offload_blocks_d2d``    blocks offloaded device -> disk (``d2disk``: blocks the host had
-                               no room for)
-``kvbm_onboard_blocks_h2d``    blocks onboarded from the host tier (route ``h2d``)
-``kvbm_onboard_blocks_d2d``    blocks onboarded from the disk tier (staged ``disk2h``, then copied)
-``kvbm_host_cache_hit_rate``   host hits / blocks queried over the last N finished requests
-``kvbm_disk_cache_hit_rate``   disk hits / blocks queried over the same window
-=============================  =================================================================
+=========================================  =======================================================
+``kvbm_requested_tokens_total``            prompt tokens looked up in the tiers
+``kvbm_matched_tokens_by_level_total``     tokens matched, ``{level="host"|"disk"}``
+``kvbm_transfer_blocks_total{route}``      blocks moved along a route (``d2h``, ``h2d``, ``h2disk``,
+                                           ``disk2h``, ``d2disk``: :class:`kvbm_core.ops.Route`)
+``kvbm_transfer_bytes_total{route}``       bytes moved along a route
+``kvbm_transfer_failures_total{route}``    failed operations along a route
+``kvbm_transfer_seconds{route}``           histogram: duration of one operation
+``kvbm_host_cache_hit_rate``, ``kvbm_disk_cache_hit_rate``  gauges: hits / blocks queried over the
+                                           last ``cache_stats.max_requests`` finished requests
+``kvbm_tier_blocks{tier}``                 gauge: blocks readable in a tier now
+``kvbm_tier_capacity_blocks{tier}``        gauge: slots of the tier per rank
+=========================================  =======================================================
 
-Dynamo's Rust exporter emits its counters without the ``_total`` suffix. prometheus-client always
-appends ``_total`` to a Counter, so kvbm's counts are **Gauge-typed metrics that only ever
-increase**: the sample names are exactly the ones above in both the Prometheus text and the
-OpenMetrics formats, and PromQL's ``rate()``/``increase()`` work on them as on counters (a
-restart resets them to 0, which ``rate()`` handles as a counter reset).
+**The names of the seed guide and of Dynamo's dashboard are served too**, computed at scrape time
+from the same counts (:class:`CompatibilityCollector`): the seed guide's ``kvbm_matched_tokens``,
+``kvbm_offload_blocks_{d2h,h2d,d2d}`` and ``kvbm_onboard_blocks_{h2d,d2d}`` (Dynamo's exporter names:
+``h2d`` offload is host -> **disk**, ``d2d`` offload is device -> disk (blocks the host had no room
+for), ``d2d`` onboard counts the blocks that came from the disk, staged through the host), and the same six plus the two hit
+rates with the ``dynamo_`` prefix that Dynamo's Grafana dashboard
+(``deploy/observability/grafana_dashboards/kvbm.json``) queries. Dynamo's exporter serves its counts
+without ``_total``, which a Prometheus Counter cannot be (prometheus-client appends ``_total``, and
+OpenMetrics requires it), so these views are gauge-typed series that only go up: ``rate()`` and
+``increase()`` work on them as on counters.
 
-Added by kvbm, same convention: ``kvbm_requested_tokens`` (prompt tokens looked up),
-``kvbm_transfer_blocks{route}``, ``kvbm_transfer_bytes{route}``, ``kvbm_transfer_failures{route}``,
-the histogram ``kvbm_transfer_seconds{route}``, ``kvbm_tier_blocks{tier}`` (blocks readable now) and
-``kvbm_tier_capacity_blocks{tier}`` (slots per rank). Routes are :class:`kvbm_core.ops.Route` labels.
-
-A port that cannot be bound is logged as an error naming ``DYN_KVBM_METRICS_PORT`` and the engine
-keeps serving without metrics: losing the dashboard must not take inference down.
+A port or address that cannot be bound is logged as an error naming ``DYN_KVBM_METRICS_PORT`` and the
+engine keeps serving without metrics: losing the dashboard must not take inference down.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from kvbm_core.errors import ConfigError
 from kvbm_core.hookspecs import hookimpl
@@ -52,17 +59,23 @@ from kvbm_core.ops import Route
 
 PORT_VARIABLE = "DYN_KVBM_METRICS_PORT"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ROUTES = tuple(r.label for r in Route)
+LEVELS = {TierLevel.HOST: "host", TierLevel.DISK: "disk"}
 
-# Route label -> Dynamo's metric name (note h2disk -> "h2d" and disk2d -> "d2d", as Dynamo names them).
+# The seed guide's (and Dynamo's exporter's) names of the block counts, by route.
 OFFLOAD_NAMES: Mapping[str, str] = {
     Route.D2H.label: "kvbm_offload_blocks_d2h",
     Route.H2DISK.label: "kvbm_offload_blocks_h2d",
     Route.D2DISK.label: "kvbm_offload_blocks_d2d",
 }
-ONBOARD_NAMES: Mapping[TierLevel, tuple[str, str]] = {
-    TierLevel.HOST: (Route.H2D.label, "kvbm_onboard_blocks_h2d"),
-    TierLevel.DISK: (Route.DISK2H.label, "kvbm_onboard_blocks_d2d"),
+ONBOARD_NAMES: Mapping[str, str] = {
+    Route.H2D.label: "kvbm_onboard_blocks_h2d",
+    Route.DISK2H.label: "kvbm_onboard_blocks_d2d",
 }
+ONBOARD_ROUTES: Mapping[TierLevel, str] = {TierLevel.HOST: Route.H2D.label, TierLevel.DISK: Route.DISK2H.label}
+"""Where a tier's onboarded blocks are counted: a disk block is staged (``disk2h``), then copied."""
+DYNAMO_PREFIX = "dynamo_"
+"""Dynamo's Grafana dashboard queries ``dynamo_kvbm_<name>`` for each seed name."""
 
 log = get_logger("kvbm.metrics")
 
@@ -75,31 +88,37 @@ class KvbmMetrics:
         self._tier_levels = dict(tier_levels)
         self._window = HitRateWindow(max_requests)
         self._lock = threading.Lock()
+        self._blocks = dict.fromkeys(ROUTES, 0)  # the compatibility views' source
+        self._matched = 0
         r = self.registry
-        self.matched_tokens = Gauge("kvbm_matched_tokens", "Tokens matched in host and disk tiers", registry=r)
-        self.requested_tokens = Gauge("kvbm_requested_tokens", "Prompt tokens looked up in the tiers", registry=r)
-        self.offload_blocks = {label: Gauge(name, f"Blocks offloaded along {label}", registry=r) for label, name in OFFLOAD_NAMES.items()}
-        self.onboard_blocks = {
-            level: Gauge(name, f"Blocks onboarded along {label}", registry=r) for level, (label, name) in ONBOARD_NAMES.items()
-        }
+        self.requested_tokens = Counter("kvbm_requested_tokens", "Prompt tokens looked up in the tiers", registry=r)
+        self.matched_tokens = Counter("kvbm_matched_tokens_by_level", "Tokens matched in a tier level", ["level"], registry=r)
         self.host_hit_rate = Gauge("kvbm_host_cache_hit_rate", "Host cache hit rate (0-1) over the request window", registry=r)
         self.disk_hit_rate = Gauge("kvbm_disk_cache_hit_rate", "Disk cache hit rate (0-1) over the request window", registry=r)
-        self.transfer_blocks = Gauge("kvbm_transfer_blocks", "Blocks moved, by route", ["route"], registry=r)
-        self.transfer_bytes = Gauge("kvbm_transfer_bytes", "Bytes moved, by route", ["route"], registry=r)
-        self.transfer_failures = Gauge("kvbm_transfer_failures", "Failed transfer operations, by route", ["route"], registry=r)
+        self.transfer_blocks = Counter("kvbm_transfer_blocks", "Blocks moved, by route", ["route"], registry=r)
+        self.transfer_bytes = Counter("kvbm_transfer_bytes", "Bytes moved, by route", ["route"], registry=r)
+        self.transfer_failures = Counter("kvbm_transfer_failures", "Failed transfer operations, by route", ["route"], registry=r)
         self.transfer_seconds = Histogram(
             "kvbm_transfer_seconds", "Duration of one transfer operation, by route", ["route"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.tier_blocks = Gauge("kvbm_tier_blocks", "Blocks readable in the tier", ["tier"], registry=r)
         self.tier_capacity = Gauge("kvbm_tier_capacity_blocks", "Slots of the tier per rank", ["tier"], registry=r)
+        for level in LEVELS.values():
+            self.matched_tokens.labels(level)
+        for route in ROUTES:
+            self._touch(route)
         for tier, slots in (tier_slots or {}).items():
             self.tier_capacity.labels(tier).set(slots)
             self.tier_blocks.labels(tier).set(0)
+        r.register(CompatibilityCollector(self))
 
     # --------------------------------------------------------------------------- event updates
     def request_matched(self, requested_tokens: int, host_tokens: int, disk_tokens: int) -> None:
         self.requested_tokens.inc(requested_tokens)
-        self.matched_tokens.inc(host_tokens + disk_tokens)
+        self.matched_tokens.labels("host").inc(host_tokens)
+        self.matched_tokens.labels("disk").inc(disk_tokens)
+        with self._lock:
+            self._matched += host_tokens + disk_tokens
 
     def request_finished(self, queried_blocks: int, host_hit_blocks: int, disk_hit_blocks: int) -> None:
         with self._lock:
@@ -108,20 +127,15 @@ class KvbmMetrics:
             self.disk_hit_rate.set(self._window.disk_rate)
 
     def offloaded(self, route: str, num_blocks: int, num_bytes: int, seconds: float) -> None:
-        seed = self.offload_blocks.get(route)
-        if seed is not None:
-            seed.inc(num_blocks)
         self._transfer(route, num_blocks, num_bytes, seconds)
 
     def onboarded(self, tier: str, num_blocks: int, num_bytes: int, seconds: float) -> None:
         level = self._tier_levels.get(tier)
-        if level not in ONBOARD_NAMES:
+        if level not in ONBOARD_ROUTES:
             log.warning("onboard from a tier of unknown level", tier=tier)
             self._transfer(f"{tier}2d", num_blocks, num_bytes, seconds)
             return
-        label, _ = ONBOARD_NAMES[level]
-        self.onboard_blocks[level].inc(num_blocks)
-        self._transfer(label, num_blocks, num_bytes, seconds)
+        self._transfer(ONBOARD_ROUTES[level], num_blocks, num_bytes, seconds)
 
     def failed(self, route: str) -> None:
         self.transfer_failures.labels(route).inc()
@@ -132,10 +146,48 @@ class KvbmMetrics:
     def removed(self, tier: str, count: int) -> None:
         self.tier_blocks.labels(tier).dec(count)
 
+    def compatibility_values(self) -> dict[str, float]:
+        """The seed guide's names -> their values now (the block counts by route, matched tokens, hit rates)."""
+        with self._lock:
+            values = {name: float(self._blocks[route]) for route, name in {**OFFLOAD_NAMES, **ONBOARD_NAMES}.items()}
+            values["kvbm_matched_tokens"] = float(self._matched)
+            values["kvbm_host_cache_hit_rate"] = self._window.host_rate
+            values["kvbm_disk_cache_hit_rate"] = self._window.disk_rate
+        return values
+
+    def _touch(self, route: str) -> None:
+        """Create every series of ``route`` at 0, so it is scraped before its first event."""
+        self.transfer_blocks.labels(route)
+        self.transfer_bytes.labels(route)
+        self.transfer_failures.labels(route)
+        self.transfer_seconds.labels(route)
+
     def _transfer(self, route: str, num_blocks: int, num_bytes: int, seconds: float) -> None:
         self.transfer_blocks.labels(route).inc(num_blocks)
         self.transfer_bytes.labels(route).inc(num_bytes)
         self.transfer_seconds.labels(route).observe(seconds)
+        with self._lock:
+            self._blocks[route] = self._blocks.get(route, 0) + num_blocks
+
+
+class CompatibilityCollector(Collector):
+    """The seed guide's names and Dynamo's dashboard names, as gauges computed at scrape time.
+
+    Hit rates are gauges already (``kvbm_*_cache_hit_rate`` is registered as such), so only their
+    ``dynamo_`` copies come from here.
+    """
+
+    def __init__(self, metrics: KvbmMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, value in self._metrics.compatibility_values().items():
+            if not name.endswith("_hit_rate"):
+                yield GaugeMetricFamily(name, f"{name} (seed guide name; only goes up)", value=value)
+            yield GaugeMetricFamily(DYNAMO_PREFIX + name, f"{name} under the name Dynamo's dashboard queries", value=value)
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return self.collect()
 
 
 class MetricsExporter:
@@ -153,9 +205,14 @@ class MetricsExporter:
         try:
             self._server, self._thread = start_http_server(port, addr, registry=self.metrics.registry)
         except OSError as exc:
-            raise ConfigError(PORT_VARIABLE, f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}", "a free TCP port") from None
+            raise ConfigError(
+                PORT_VARIABLE,
+                f"cannot serve metrics on {addr}:{port} (DYN_KVBM_METRICS_HOST {addr}): {exc.strerror or exc}",
+                "a free TCP port, on an address of this machine",
+            ) from None
         self.port = self._server.server_port
-        log.info("serving metrics", address=f"http://{addr}:{self.port}/metrics")
+        host = f"[{addr}]" if ":" in addr else addr
+        log.info("serving metrics", address=f"http://{host}:{self.port}/metrics")
 
     def stop(self) -> None:
         if self._server is not None:
@@ -203,7 +260,7 @@ def kvbm_pipeline_built(pipeline: Any) -> None:
             return
         exporter = exporter_for(pipeline)
         try:
-            exporter.serve(pipeline.settings.metrics.port)
+            exporter.serve(pipeline.settings.metrics.port, pipeline.settings.metrics.host)
         except ConfigError as exc:
             log.error("metrics disabled, serving continues", error=str(exc))
         _active = exporter

@@ -35,6 +35,8 @@ LAYERED = [
     ("leader_worker_init_timeout_secs", {"leader_worker_init_timeout_secs": 60}, 60.0, "DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS", "3600", 3600.0),
     ("metrics.enabled", {"metrics": {"enabled": True}}, True, "DYN_KVBM_METRICS", "off", False),
     ("metrics.port", {"metrics": {"port": 7000}}, 7000, "DYN_KVBM_METRICS_PORT", "7001", 7001),
+    ("metrics.host", {"metrics": {"host": "::1"}}, "::1", "DYN_KVBM_METRICS_HOST", "127.0.0.1", "127.0.0.1"),
+    ("cache_stats.log_interval_secs", {"cache_stats": {"log_interval_secs": 30}}, 30.0, "DYN_KVBM_CACHE_STATS_LOG_INTERVAL_SECS", "0", 0.0),
     ("host_offload_prefix_min_priority", {"host_offload_prefix_min_priority": 10}, 10, "DYN_KVBM_HOST_OFFLOAD_PREFIX_MIN_PRIORITY", "50", 50),
     ("cache_stats.max_requests", {"cache_stats": {"max_requests": 10}}, 10, "DYN_KVBM_CACHE_STATS_MAX_REQUESTS", "20", 20),
     ("logging.format", {"logging": {"format": "json"}}, "json", "DYN_KVBM_LOG_FORMAT", "CONSOLE", "console"),
@@ -151,7 +153,9 @@ def test_defaults_match_the_seed_guide():
     assert s.tiers == []
     assert s.leader_worker_init_timeout_secs == 1800
     assert s.metrics.enabled is False and s.metrics.port == 6880
-    assert s.disk.directory == "/tmp"
+    assert s.disk.directory is None, "None: the disk tier picks a private per-user directory"
+    assert s.metrics.host == "0.0.0.0"
+    assert s.cache_stats.log_interval_secs == 5
     assert s.disk_offload_filter.enabled is True and s.disk_offload_filter.name == "frequency"
     assert s.host_offload_prefix_min_priority == 0
     assert s.cache_stats.max_requests == 1000
@@ -244,7 +248,7 @@ def test_bad_environment_names_variable_and_accepted_values(registry, env, names
         ({"tiers": [{"kind": "cpu"}]}, "tiers[0]", None),
         ({"tiers": [{"kind": "cpu", "capacity_gb": 0}]}, "tiers[0]", None),
         ({"tiers": [{"kind": "disk", "capacity_gb": 1}, {"kind": "cpu", "capacity_gb": 1}]}, "tiers", None),
-        ({"metrics": {"enabeld": True}}, "metrics.enabeld", "enabled, port"),
+        ({"metrics": {"enabeld": True}}, "metrics.enabeld", "enabled, host, port"),
         ({"logging": {"format": "xml"}}, "logging.format", "console, json"),
         ({"eviction": "random"}, "eviction", "lru"),
         ({"transports": ["inproc", "pigeon"]}, "transports[1]", "etcd"),

@@ -1,9 +1,12 @@
-"""``kvbm config show``: the resolved settings, the pipeline they describe, and each value's source.
+"""``kvbm config show``: the resolved settings, the pipeline they describe, and each value's source;
+``kvbm config path``: where the bundled configuration files are (profiles, TensorRT-LLM YAMLs,
+Prometheus and Grafana files), so that an installed wheel's copies can be found and used.
 
 Sources are ``default``, ``profile:<name or path>`` or ``env:<VARIABLE>``. ``--json`` prints one
 object: ``profile``, ``profile_path``, ``pipeline``, ``tiers`` (each with ``kind``, ``level``,
-``capacity_gb``, ``num_blocks``, ``options`` and ``sources`` per field) and ``settings`` (every other
-key as ``{"value", "source"}``).
+``capacity_gb``, ``num_blocks``, ``options`` and ``sources`` per field), ``settings`` (every other
+key as ``{"value", "source"}``) and ``notices`` (Dynamo variables kvbm does not read). A value that
+means "the plugin decides" prints as what it means (``disk.directory``).
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from typing import Any
 from kvbm_core.cli.table import render
 from kvbm_core.registry import Registry, default_registry
 from kvbm_core.settings.pipeline import plan_pipeline
+from kvbm_core.settings.profiles import configs_dir
 from kvbm_core.settings.resolve import ResolvedSettings, flatten, resolve_settings
 
 TIER_FIELDS = ("kind", "capacity_gb", "num_blocks", "options")
+UNSET_MEANING = {"disk.directory": "(not set: the disk tier picks a private per-user directory)"}
+"""Keys whose unset value (None) means something: printed as that meaning."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -31,6 +37,13 @@ def add_parser(subparsers: Any) -> None:
     show.add_argument("--profile", help="bundled profile name or YAML path (instead of DYN_KVBM_PROFILE)")
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(func=run_show)
+    path = actions.add_parser(
+        "path",
+        help="print where the bundled profiles, TensorRT-LLM and Prometheus files are",
+        description="Print the directory of the bundled configuration files and each file in it.",
+    )
+    path.add_argument("--json", action="store_true", help="print one JSON object")
+    path.set_defaults(func=run_path)
 
 
 def report(resolved: ResolvedSettings, registry: Registry) -> dict[str, Any]:
@@ -62,31 +75,46 @@ def report(resolved: ResolvedSettings, registry: Registry) -> dict[str, Any]:
         },
         "tiers": tiers,
         "settings": values,
+        "notices": list(resolved.notices),
     }
 
 
 def run_show(args: argparse.Namespace) -> int:
     registry = default_registry()
-    doc = report(resolve_settings(profile=args.profile, registry=registry), registry)
+    doc = report(resolve_settings(profile=args.profile, registry=registry, log_notices=False), registry)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
     profile = doc["profile"] or "(none: defaults and environment only)"
     print(f"profile   {profile}")
     print(f"pipeline  {doc['pipeline']['description']}")
+    for notice in doc["notices"]:
+        print(f"notice    {notice}")
     print()
     rows = []
     for tier in doc["tiers"]:
         for f in TIER_FIELDS:
             rows.append((f"tiers.{tier['kind']}.{f}", _text(tier[f]), tier["sources"][f]))
-    rows += [(key, _text(v["value"]), v["source"]) for key, v in doc["settings"].items()]
+    rows += [(key, _text(v["value"], key), v["source"]) for key, v in doc["settings"].items()]
     print(render(("KEY", "VALUE", "SOURCE"), rows))
     return 0
 
 
-def _text(value: Any) -> str:
+def run_path(args: argparse.Namespace) -> int:
+    root = configs_dir()
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if args.json:
+        print(json.dumps({"configs": str(root), "files": {str(p.relative_to(root)): str(p) for p in files}}, indent=2))
+        return 0
+    print(f"configs   {root}")
+    print()
+    print(render(("FILE", "PATH"), [(str(p.relative_to(root)), str(p)) for p in files]))
+    return 0
+
+
+def _text(value: Any, key: str = "") -> str:
     if value is None:
-        return "-"
+        return UNSET_MEANING.get(key, "-")
     if isinstance(value, (dict, list, bool)):
         return json.dumps(value)
     return str(value)

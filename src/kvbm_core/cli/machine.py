@@ -1,17 +1,26 @@
-"""Machine checks for ``kvbm doctor`` that need no plugin: CUDA, pinned memory, the disk directory.
+"""Machine checks for ``kvbm doctor`` that need no plugin: TensorRT-LLM, CUDA, pinned memory, the disk directory.
 
-Each function returns :class:`~kvbm_core.interfaces.CheckResult` rows and never raises. Disk
-checks work in the directory the disk tier will use, with a small temporary file that is removed
-afterwards: can we create files there, is there room for the configured capacity, does the
-filesystem accept ``O_DIRECT`` and ``fallocate`` (the seed guide's two start-up failures).
+Each function returns :class:`~kvbm_core.interfaces.CheckResult` rows and never raises, and each
+row says what the engine will do, so a row fails exactly where the engine would refuse to start:
+
+- the disk directory: the disk tier creates it when it is missing, so a missing directory whose
+  nearest existing parent is writable passes ("created at start"); doctor itself creates nothing.
+  The probes (free space, ``O_DIRECT``, ``fallocate``) run in that directory or parent with one
+  small temporary file, removed afterwards.
+- ``O_DIRECT`` refused: the disk tier falls back to buffered I/O, so this warns.
+- ``fallocate`` unsupported: the disk tier refuses to start unless zero-fill is allowed.
+- free space below the tier's size: the disk tier refuses to start.
+- TensorRT-LLM is found from its installed distribution's file list, without importing it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import importlib.metadata
 import mmap
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -20,13 +29,39 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kvbm_core.interfaces import CheckResult
+from kvbm_core.settings.limits import existing_ancestor
 from kvbm_core.settings.model import KvbmSettings, TierSpec
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 PROBE_BYTES = 1 << 20  # fallocate probe size
 ALIGN = 4096  # O_DIRECT probe: one page, aligned buffer, offset and length
-# Row names of the generic disk checks (tier plugins may print their own rows next to these).
-FREE_SPACE, O_DIRECT, FALLOCATE = "disk dir free space", "disk dir O_DIRECT", "disk dir fallocate"
+# Row names of the generic disk checks. A tier plugin's own row with one of these names is the same
+# check again, and ``kvbm doctor`` prints it once.
+DIRECTORY, FREE_SPACE, O_DIRECT, FALLOCATE = "disk directory", "disk free space", "disk O_DIRECT", "disk fallocate"
+TRTLLM = "tensorrt-llm"
+MIN_TRTLLM = (1, 2)
+# TensorRT-LLM's KV connector module, newest first: 1.3+ moved it under connectors/.
+TRTLLM_CONNECTOR_PATHS = (
+    "tensorrt_llm._torch.pyexecutor.connectors.kv_cache_connector",
+    "tensorrt_llm._torch.pyexecutor.kv_cache_connector",
+)
+
+
+def trtllm() -> CheckResult:
+    """Is TensorRT-LLM installed, which version, and where is its connector module?"""
+    try:
+        dist = importlib.metadata.distribution("tensorrt_llm")
+    except importlib.metadata.PackageNotFoundError:
+        return CheckResult(TRTLLM, WARN, "not installed: trtllm-serve cannot run here (kvbm bench and the reference executor can)")
+    version = dist.version
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if numbers < MIN_TRTLLM:
+        return CheckResult(TRTLLM, FAIL, f"{version} has no KV cache connector API: kvbm needs 1.2 or newer")
+    files = {str(f).replace("\\", "/") for f in dist.files or ()}
+    for module in TRTLLM_CONNECTOR_PATHS:
+        if module.replace(".", "/") + ".py" in files:
+            return CheckResult(TRTLLM, PASS, f"{version}; connector API {module}")
+    return CheckResult(TRTLLM, FAIL, f"{version} ships neither {' nor '.join(TRTLLM_CONNECTOR_PATHS)}")
 
 
 def cuda() -> tuple[list[CheckResult], bool]:
@@ -72,21 +107,34 @@ def host_memory(spec: TierSpec, cuda_ok: bool) -> list[CheckResult]:
     return [*rows, CheckResult("pinned memory", PASS, f"64 MiB pinned in {seconds * 1e3:.1f} ms")]
 
 
+def disk_directory_exists(spec: TierSpec, settings: KvbmSettings) -> bool:
+    """False only for a configured directory that does not exist yet (None: the tier picks one)."""
+    configured = spec.options.get("directory") or settings.disk.directory
+    return configured is None or Path(str(configured)).expanduser().is_dir()
+
+
 def disk(spec: TierSpec, settings: KvbmSettings) -> list[CheckResult]:
-    """Directory writable, free space for the capacity, O_DIRECT and fallocate accepted there."""
-    directory = Path(str(spec.options.get("directory") or settings.disk.directory)).expanduser()
-    label = f"{spec.kind} dir {directory}"
-    if not directory.is_dir():
-        return [CheckResult(label, FAIL, "does not exist or is not a directory (DYN_KVBM_DISK_CACHE_DIR)")]
+    """Directory usable (or creatable), free space for the capacity, O_DIRECT and fallocate accepted there."""
+    configured = spec.options.get("directory") or settings.disk.directory
+    if configured is None:
+        return [CheckResult(DIRECTORY, PASS, f"not set (DYN_KVBM_DISK_CACHE_DIR): the {spec.kind} tier picks a private per-user directory at start")]
+    directory = Path(str(configured)).expanduser()
+    if directory.exists() and not directory.is_dir():
+        return [CheckResult(DIRECTORY, FAIL, f"{directory} is not a directory (DYN_KVBM_DISK_CACHE_DIR)")]
+    probe_dir = existing_ancestor(str(directory))
+    if not probe_dir.is_dir():
+        return [CheckResult(DIRECTORY, FAIL, f"{directory} cannot be created: {probe_dir} is not a directory")]
+    if directory.is_dir():
+        row = CheckResult(DIRECTORY, PASS, f"{directory} is writable")
+    else:
+        row = CheckResult(DIRECTORY, PASS, f"{directory} does not exist yet: the {spec.kind} tier creates it at start "
+                          f"({probe_dir} is writable; the tier's own checks run once it exists)")
     try:
-        with _probe_file(directory) as fd:
-            rows = [CheckResult(label, PASS, "writable")]
-            rows.append(_free_space(spec, directory))
-            rows.append(_o_direct(directory, settings))
-            rows.append(_fallocate(fd, settings))
+        with _probe_file(probe_dir) as fd:
+            return [row, _free_space(spec, probe_dir), _o_direct(probe_dir, settings), _fallocate(fd, settings)]
     except OSError as exc:
-        return [CheckResult(label, FAIL, f"cannot create a file there: {exc.strerror or exc}")]
-    return rows
+        where = directory if directory.is_dir() else f"{directory}: its parent {probe_dir}"
+        return [CheckResult(DIRECTORY, FAIL, f"{where} is not writable ({exc.strerror or exc}); DYN_KVBM_DISK_CACHE_DIR")]
 
 
 def _free_space(spec: TierSpec, directory: Path) -> CheckResult:
@@ -94,8 +142,9 @@ def _free_space(spec: TierSpec, directory: Path) -> CheckResult:
     if spec.num_blocks is not None:
         return CheckResult(FREE_SPACE, PASS, f"{_gb(free)} GB free; {spec.num_blocks} blocks (bytes depend on the model's layout)")
     need = (spec.capacity_gb or 0) * 1e9
-    status = PASS if need <= free else FAIL
-    return CheckResult(FREE_SPACE, status, f"needs {_gb(need)} GB for {spec.kind}, {_gb(free)} GB free")
+    if need <= free:
+        return CheckResult(FREE_SPACE, PASS, f"needs {_gb(need)} GB for {spec.kind}, {_gb(free)} GB free")
+    return CheckResult(FREE_SPACE, FAIL, f"needs {_gb(need)} GB for {spec.kind}, {_gb(free)} GB free: the tier refuses to start")
 
 
 def _o_direct(directory: Path, settings: KvbmSettings) -> CheckResult:
@@ -119,9 +168,9 @@ def _o_direct(directory: Path, settings: KvbmSettings) -> CheckResult:
     except OSError as exc:
         if disabled:
             return CheckResult(O_DIRECT, PASS, f"not accepted here ({exc.strerror}); not used: DYN_KVBM_DISK_DISABLE_O_DIRECT is set")
-        return CheckResult(O_DIRECT, FAIL, f"not accepted here ({exc.strerror}): set DYN_KVBM_DISK_DISABLE_O_DIRECT=true")
+        return CheckResult(O_DIRECT, WARN, f"not accepted here ({exc.strerror}): the disk tier falls back to buffered I/O")
     if not ok:
-        return CheckResult(O_DIRECT, FAIL, "an aligned 4 KiB write and read back did not return the same bytes")
+        return CheckResult(O_DIRECT, WARN, "an aligned 4 KiB write and read back differ: the disk tier falls back to buffered I/O")
     return CheckResult(O_DIRECT, PASS, "accepted" + (" (not used: DYN_KVBM_DISK_DISABLE_O_DIRECT is set)" if disabled else ""))
 
 

@@ -1,7 +1,9 @@
 """Entry point of the ``kvbm`` console script: parses arguments and maps errors to exit codes.
 
 Exit codes: 0 success; 1 a check failed (``kvbm doctor``; ``kvbm bench``: outputs differ); 2 a
-configuration or plugin error, printed as one line on stderr without a traceback.
+configuration or plugin error, printed as one line on stderr without a traceback (one JSON object
+with ``DYN_KVBM_LOG_FORMAT=json``). Output piped into a reader that stops early (``| head``) ends
+quietly: the rest is discarded, without a ``BrokenPipeError`` traceback.
 
 Each subcommand is a module with ``add_parser(subparsers)`` (which sets ``func``, a callable taking
 the parsed arguments and returning the exit code). Adding one (``kvbm bench``) means writing its
@@ -12,8 +14,11 @@ matplotlib, tqdm) import them when they run.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 from kvbm_core import __version__
 from kvbm_core.cli import bench, config, doctor, plugins
@@ -39,12 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for reports
+    json_errors = False
     try:
         env = SeedEnvironment.load()
+        json_errors = env.log_format == "json"
         configure(LoggingSettings(format=env.log_format or "console", level=env.log_level or "info"))
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
     except (ConfigError, PluginError) as exc:
-        print(f"kvbm: error: {exc}", file=sys.stderr)
+        _error(exc, json_errors)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_OK
     except KeyboardInterrupt:
         return 130
+
+
+def _error(exc: Exception, as_json: bool) -> None:
+    if as_json:
+        record = {"event": f"kvbm: error: {exc}", "level": "error", "logger": "kvbm.cli",
+                  "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
+        print(json.dumps(record), file=sys.stderr)
+    else:
+        print(f"kvbm: error: {exc}", file=sys.stderr)
+
+
+def _discard_stdout() -> None:
+    """The reader closed the pipe: send what is still buffered nowhere, so exiting prints nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -1,18 +1,28 @@
 """The resolved settings of one engine instance: the pipeline a profile describes.
 
 Plain pydantic models, ``extra="forbid"`` everywhere so a misspelt YAML key is an error naming the
-key rather than a silently ignored line. Values come from :mod:`kvbm_core.settings.resolve`.
+key rather than a silently ignored line, and ``strict`` so a YAML value keeps its YAML type: ``true``
+is not 1 GB and ``"4"`` is not a number (the environment's text is typed before it gets here, by
+:mod:`kvbm_core.settings.environment`). Every number is bounded where a larger one would only fail
+later, inside the engine. Values come from :mod:`kvbm_core.settings.resolve`, which also checks what
+depends on this machine (:mod:`kvbm_core.settings.limits`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import ipaddress
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+MAX_TIMEOUT_S = 86_400.0
+"""The longest wait a setting may ask for (a day): a longer one is a typo, and 1e308 overflows a wait."""
+
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class TierSpec(_Strict):
@@ -52,16 +62,33 @@ class FilterSpec(_Strict):
 class DiskSettings(_Strict):
     """Where and how disk tiers create their files."""
 
-    directory: str = "/tmp"
+    directory: str | None = None
+    """None: the disk tier picks a private per-user directory."""
     zerofill_fallback: bool = False
     disable_o_direct: bool = False
 
 
 class MetricsSettings(_Strict):
-    """The Prometheus exporter (:mod:`kvbm_core.metrics`): off by default, port 6880 as Dynamo's."""
+    """The Prometheus exporter (:mod:`kvbm_core.metrics`): off by default, port 6880 as Dynamo's.
+
+    ``host`` is the address the server binds: all interfaces by default, as Dynamo's exporter, so a
+    Prometheus on another host or in a container (Dynamo's observability stack scrapes
+    ``host.docker.internal:6880``) can scrape it; the series are counts, never prompts or keys.
+    ``127.0.0.1`` keeps it on this machine.
+    """
 
     enabled: bool = False
+    host: str = "0.0.0.0"
     port: int = Field(default=6880, ge=1, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def check_host(cls, value: str) -> str:
+        """An IPv4 or IPv6 address: ``0.0.0.0`` (all interfaces), ``127.0.0.1`` (loopback), ``::``."""
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
 
 
 class CostModelSettings(_Strict):
@@ -73,14 +100,19 @@ class CostModelSettings(_Strict):
 
     enabled: bool = True
     prefill_tokens_per_s: float = Field(default=30_000.0, gt=0, allow_inf_nan=False)
-    bandwidth_gbps: dict[str, float] = Field(default_factory=dict)
-    fixed_overhead_s: float = Field(default=0.0005, ge=0, allow_inf_nan=False)
+    bandwidth_gbps: dict[str, PositiveFinite] = Field(default_factory=dict)
+    fixed_overhead_s: float = Field(default=0.0005, ge=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
 
 
 class CacheStatsSettings(_Strict):
-    """Hit rates are block-weighted over the last ``max_requests`` finished requests."""
+    """Hit rates are block-weighted over the last ``max_requests`` finished requests.
 
-    max_requests: int = Field(default=1000, ge=1)
+    Every ``log_interval_secs`` (Dynamo's default, 5 s) the leader logs one summary line when
+    anything changed since the last one (:mod:`kvbm_core.summary`); 0 turns the line off.
+    """
+
+    max_requests: int = Field(default=1000, ge=1, le=10_000_000)
+    log_interval_secs: float = Field(default=5.0, ge=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
 
 
 class LoggingSettings(_Strict):
@@ -103,7 +135,7 @@ class KvbmSettings(_Strict):
     eviction_options: dict[str, Any] = Field(default_factory=dict)
     disk_offload_filter: FilterSpec = Field(default_factory=FilterSpec)
     host_offload_prefix_min_priority: int = Field(default=0, ge=0, le=100)
-    leader_worker_init_timeout_secs: float = Field(default=1800.0, gt=0, allow_inf_nan=False)
+    leader_worker_init_timeout_secs: float = Field(default=1800.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     disk: DiskSettings = Field(default_factory=DiskSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     cost_model: CostModelSettings = Field(default_factory=CostModelSettings)

@@ -44,7 +44,7 @@ class PipelinePlan:
     def describe(self) -> str:
         """One line for humans, e.g. ``offload d2h (cpu), h2disk (disk, filter frequency); onboard disk2h, h2d``."""
         if self.shape == "none":
-            return f"no tier configured: kvbm does nothing ({NO_TIER_HINT})"
+            return f"no tier configured: the connector refuses to start ({NO_TIER_HINT})"
         host = self.host.kind if self.host is not None else "host staging"
         disk = self.disk.kind if self.disk is not None else ""
         dest = {Route.D2H: host, Route.H2DISK: disk, Route.D2DISK: f"{disk}, when the host is full"}

@@ -2,8 +2,13 @@
 
 The bundled profiles ship inside the package (``kvbm_core/configs`` is a link to the repository's
 ``configs/`` that setuptools copies into wheels), so a name works from a source checkout and from an
-installed wheel alike. A missing file is an error (pydantic-settings would silently ignore one), and
-so is a file that is not a YAML mapping.
+installed wheel alike. A missing file is an error, and so is a file that is not a YAML mapping; a
+YAML syntax error is one line with its line and column.
+
+Profiles are read with PyYAML's ``safe_load``, not pydantic-settings' ``YamlConfigSettingsSource``:
+that source silently skips a missing file and reads a top-level list of pairs as a mapping, and
+the layering (:mod:`kvbm_core.settings.resolve`) needs the file's own mapping to record which keys
+it set.
 """
 
 from __future__ import annotations
@@ -56,8 +61,18 @@ def load_profile(name_or_path: str, source: str = PROFILE_VARIABLE) -> tuple[str
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, f"cannot read profile {str(path)!r}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+        raise ConfigError(str(path), f"not valid YAML: {yaml_error_line(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "a profile must be a YAML mapping of settings")
     label = path.stem if path.resolve().parent == profiles_dir().resolve() else str(path)
     return label, data
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong, and where."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        return f"{where}{what}"
+    return " ".join(str(exc).split())

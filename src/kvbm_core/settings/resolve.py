@@ -9,28 +9,49 @@ The flat seed variables map onto the pipeline as the seed guide describes:
   (the profile's ``num_blocks`` is dropped), because the environment is the top layer.
 - Host only: device -> host. Host + disk: device -> host, host -> disk behind the frequency filter.
   Disk only: device -> disk directly (see :mod:`kvbm_core.settings.pipeline`).
+
+Everything the engine would reject is rejected here, once, so that ``kvbm config show``, ``kvbm
+doctor`` and the engine agree: unknown variables (:mod:`kvbm_core.settings.variables`), unknown
+plugin names, options a plugin refuses (a tier's or transport's ``validate_options``; an eviction
+policy or filter built with its options, exactly as the leader builds it), cost-model bandwidths for
+tier kinds that are not installed, and sizes this machine cannot hold
+(:mod:`kvbm_core.settings.limits`). Dynamo variables kvbm does not read become ``notices``.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 from pydantic import ValidationError
 
 from kvbm_core.errors import ConfigError
 from kvbm_core.interfaces import TierLevel
-from kvbm_core.registry import Registry, default_registry
+from kvbm_core.registry import DISABLE_VARIABLE, Registry, blocked_from_environment, default_registry
 from kvbm_core.settings.accepted import accepted_at
 from kvbm_core.settings.environment import SeedEnvironment, variable_name
+from kvbm_core.settings.limits import check_tier_sizes
 from kvbm_core.settings.model import KvbmSettings
 from kvbm_core.settings.profiles import PROFILE_VARIABLE, load_profile, profile_path
+from kvbm_core.settings.variables import check_variables
 
 DEFAULT = "default"
 _DEFAULT_KIND = {TierLevel.HOST: "cpu", TierLevel.DISK: "disk"}
+
+BUNDLED_DISTRIBUTIONS: Mapping[tuple[str, str], str] = {
+    ("tier", "cpu"): "kvbm-tier-cpu",
+    ("tier", "disk"): "kvbm-tier-disk",
+    ("tier", "gds"): "kvbm-tier-gds",
+    ("filter", "frequency"): "kvbm-policy-frequency",
+}
+"""Plugins shipped with kvbm in their own distributions: named in the error when one is missing."""
+
+log = structlog.get_logger("kvbm.settings")
 
 # Flat variable -> (section, key) of KvbmSettings it overrides (section None: top level).
 SCALAR_OVERLAYS: Mapping[str, tuple[str | None, str]] = {
@@ -39,9 +60,11 @@ SCALAR_OVERLAYS: Mapping[str, tuple[str | None, str]] = {
     "disk_disable_o_direct": ("disk", "disable_o_direct"),
     "leader_worker_init_timeout_secs": (None, "leader_worker_init_timeout_secs"),
     "metrics": ("metrics", "enabled"),
+    "metrics_host": ("metrics", "host"),
     "metrics_port": ("metrics", "port"),
     "host_offload_prefix_min_priority": (None, "host_offload_prefix_min_priority"),
     "cache_stats_max_requests": ("cache_stats", "max_requests"),
+    "cache_stats_log_interval_secs": ("cache_stats", "log_interval_secs"),
     "log_format": ("logging", "format"),
     "log_level": ("logging", "level"),
 }
@@ -53,12 +76,14 @@ class ResolvedSettings:
 
     ``sources`` maps a display key (``tiers.cpu.capacity_gb``, ``disk.directory``) to
     ``default``, ``profile:<name>`` or ``env:<VARIABLE>``; ``profile_path`` is the profile's file.
+    ``notices`` are warnings that stop nothing (Dynamo variables kvbm does not read).
     """
 
     settings: KvbmSettings
     profile: str | None
     sources: dict[str, str] = field(default_factory=dict)
     profile_path: Path | None = None
+    notices: tuple[str, ...] = ()
 
     def source_of(self, key: str) -> str:
         return self.sources.get(key, DEFAULT)
@@ -68,9 +93,16 @@ def resolve_settings(
     environ: Mapping[str, str] | None = None,
     profile: str | None = None,
     registry: Registry | None = None,
+    log_notices: bool = True,
 ) -> ResolvedSettings:
-    """Resolve settings once. ``profile`` (a name or path) takes the place of ``DYN_KVBM_PROFILE``."""
+    """Resolve settings once. ``profile`` (a name or path) takes the place of ``DYN_KVBM_PROFILE``.
+
+    ``log_notices``: log each notice as a warning (the engine); the CLI prints them itself.
+    """
     registry = registry or default_registry()
+    environ = os.environ if environ is None else environ
+    notices = check_variables(environ)
+    _check_blocked_names(environ, registry)
     env = SeedEnvironment.load(environ)
     sources: dict[str, str] = {}
     data: dict[str, Any] = {}
@@ -89,7 +121,10 @@ def resolve_settings(
     _apply_environment(data, env, registry, sources)
     settings = _validate(data, label, sources)
     _check_pipeline(settings, registry, label, sources)
-    return ResolvedSettings(settings, label, sources, path)
+    if log_notices:
+        for notice in notices:
+            log.warning(notice)
+    return ResolvedSettings(settings, label, sources, path, tuple(notices))
 
 
 # ----------------------------------------------------------------------------------- overlay
@@ -163,7 +198,20 @@ def _check_tier_kinds(data: dict[str, Any], registry: Registry, label: str | Non
     for i, tier in enumerate(tiers):
         kind = tier.get("kind") if isinstance(tier, dict) else None
         if kind not in known:
-            raise ConfigError(f"{_where(label)}tiers[{i}].kind", f"unknown tier kind {kind!r}", known.keys() or ["(none installed)"])
+            raise ConfigError(f"{_where(label)}tiers[{i}].kind", f"unknown tier kind {kind!r}{_install_hint('tier', kind)}", known.keys() or ["(none installed)"])
+
+
+def _install_hint(kind: str, name: Any) -> str:
+    distribution = BUNDLED_DISTRIBUTIONS.get((kind, name)) if isinstance(name, str) else None
+    if distribution is None:
+        return ""
+    return f": it comes with the {distribution} distribution (pip install {distribution}, or \"kvbm-core[all]\")"
+
+
+def _check_blocked_names(environ: Mapping[str, str], registry: Registry) -> None:
+    known = {p.name for p in registry.plugins}
+    for name in sorted(blocked_from_environment(environ) - known):
+        raise ConfigError(DISABLE_VARIABLE, f"no installed plugin is named {name!r} (names as kvbm plugins lists them)", known)
 
 
 def _validate(data: dict[str, Any], label: str | None, sources: dict[str, str]) -> KvbmSettings:
@@ -182,6 +230,11 @@ def _check_pipeline(settings: KvbmSettings, registry: Registry, label: str | Non
     tier_types = registry.types("tier")
     levels = []
     for i, tier in enumerate(settings.tiers):
+        if tier.kind not in tier_types:  # a tier the environment added (cpu, disk) whose plugin is missing
+            origin = sources.get(f"tiers.{tier.kind}.kind", "")
+            key = origin.removeprefix("env:") if origin.startswith("env:") else f"{where}tiers[{i}].kind"
+            hint = _install_hint("tier", tier.kind)
+            raise ConfigError(key, f"unknown tier kind {tier.kind!r}{hint}", tier_types.keys() or ["(none installed)"])
         cls = registry.get("tier", tier.kind, f"{where}tiers[{i}].kind")
         cls.validate_options(tier.options, f"{where}tiers[{i}].options")
         levels.append(tier_types[tier.kind].cls.level)
@@ -189,12 +242,46 @@ def _check_pipeline(settings: KvbmSettings, registry: Registry, label: str | Non
         raise ConfigError(f"{where}tiers", "at most one host-level and one disk-level tier", tier_types.keys())
     if levels != sorted(levels):
         raise ConfigError(f"{where}tiers", "host-level tiers come before disk-level tiers")
-    registry.get("eviction", settings.eviction, f"{where}eviction")
+    eviction = registry.get("eviction", settings.eviction, f"{where}eviction")
+    _check_options(lambda: eviction(1, settings.eviction_options), eviction, settings.eviction_options, f"{where}eviction_options")
     if settings.disk_offload_filter.enabled and set(levels) == {TierLevel.HOST, TierLevel.DISK}:
-        registry.get("filter", settings.disk_offload_filter.name, f"{where}disk_offload_filter.name")
+        name = settings.disk_offload_filter.name
+        if name not in registry.types("filter"):
+            hint = _install_hint("filter", name)
+            raise ConfigError(f"{where}disk_offload_filter.name", f"unknown filter {name!r}{hint}", registry.types("filter").keys() or ["(none installed)"])
+        offload_filter = registry.get("filter", name, f"{where}disk_offload_filter.name")
+        options = settings.disk_offload_filter.options
+        _check_options(lambda: offload_filter(options), offload_filter, options, f"{where}disk_offload_filter.options")
     for i, name in enumerate(settings.transports):
         cls = registry.get("transport", name, f"{where}transports[{i}]")
         cls.validate_options(settings.transport_options.get(name, {}), f"{where}transport_options.{name}")
+    for kind in settings.cost_model.bandwidth_gbps:
+        if kind not in tier_types:
+            raise ConfigError(f"{where}cost_model.bandwidth_gbps.{kind}", "not an installed tier kind", tier_types.keys())
+    check_tier_sizes(settings, lambda kind: tier_types[kind].cls.level, lambda kind, f: _size_source(sources, where, settings, kind, f))
+
+
+def _check_options(build: Any, cls: type, options: Mapping[str, Any], key: str) -> None:
+    """Options as the leader will use them: the plugin's ``validate_options`` when it has one, then the
+    plugin built with them as the leader builds it (its constructor checks them too), so this rejects
+    exactly what the leader would."""
+    validate = getattr(cls, "validate_options", None)
+    if validate is not None:
+        validate(options, key)
+    try:
+        build()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(key, f"refused by {cls.__name__}: {exc}") from None
+
+
+def _size_source(sources: Mapping[str, str], where: str, settings: KvbmSettings, kind: str, field_name: str) -> str:
+    origin = sources.get(f"tiers.{kind}.{field_name}", "")
+    if origin.startswith("env:"):
+        return origin.removeprefix("env:")
+    index = next(i for i, t in enumerate(settings.tiers) if t.kind == kind)
+    return f"{where}tiers[{index}].{field_name}"
 
 
 def _raw_loc(loc: tuple[Any, ...]) -> str:
