@@ -40,9 +40,14 @@ Choices (documented for users in the README):
   ``wait_for_save``), inside TensorRT-LLM's forward pass, whose error handling fails the batch;
   never from ``get_finished`` or ``start_load_kv``, where an exception ends TensorRT-LLM's executor.
   The leader drops the bad slots, so the next request with that prefix recomputes it.
-- **Unsupported engine settings**: pipeline parallelism and block reuse off are configuration
-  errors; partial reuse on is logged once (non-aligned device matches then match nothing);
-  multimodal and generation-only requests are left alone (no match, no offload), with a log line.
+- **Unsupported engine settings** (:mod:`kvbm_core.trtllm.engine_checks`, the rules ``kvbm doctor``
+  applies too): block reuse off, pipeline or context parallelism, attention data parallelism, beam
+  search, TRT-LLM's own ``host_cache_size``, the V2 KV cache manager or several attention windows
+  are configuration errors at construction; partial reuse on is logged once (non-aligned device
+  matches then match nothing). Multimodal and generation-only requests are left alone (no match,
+  no offload), with a log line (TensorRT-LLM itself refuses generation-only requests before a
+  connector sees them).
+- ``supports_attention_dp`` is False on both classes: TensorRT-LLM 1.3+ refuses attention DP too.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from kvbm_core.ops import BACKGROUND, LOADS, STORES, OpResult, StepOps
 from kvbm_core.registry import default_registry
 from kvbm_core.settings import KvbmSettings, resolve_settings
 from kvbm_core.trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker, SchedulerOutput
+from kvbm_core.trtllm.engine_checks import check_engine_settings
 
 if TYPE_CHECKING:
     from kvbm_core.leader import LeaderStats
@@ -106,32 +112,6 @@ def _world_size(llm_args: Any) -> int:
 def _rank(llm_args: Any) -> int:
     mapping = _mapping(llm_args)
     return int(getattr(mapping, "rank", 0) or 0) if mapping is not None else 0
-
-
-def _check_engine_settings(llm_args: Any) -> None:
-    """Reject what kvbm cannot serve correctly; log what only costs hits."""
-    kv = llm_args.kv_cache_config
-    if getattr(kv, "enable_block_reuse", True) is False:
-        raise ConfigError(
-            "kv_cache_config.enable_block_reuse",
-            "kvbm needs block reuse: without it TRT-LLM never asks the connector for matches",
-            ["true"],
-        )
-    mapping = _mapping(llm_args)
-    pp = int(getattr(mapping, "pp_size", 1) or 1) if mapping is not None else 1
-    if pp > 1:
-        raise ConfigError("pipeline_parallel_size", f"kvbm does not support pipeline parallelism (got {pp})", ["1"])
-    if getattr(kv, "enable_partial_reuse", False):
-        log.warning(
-            "partial reuse is on: device matches that end inside a block get no kvbm match; "
-            "set kv_cache_config.enable_partial_reuse: false"
-        )
-    if getattr(kv, "host_cache_size", None):
-        raise ConfigError(
-            "kv_cache_config.host_cache_size",
-            "TRT-LLM's own host offload and a KV connector together can serve wrong KV",
-            ["unset or 0 (kvbm provides the host tier)"],
-        )
 
 
 _logging_configured = threading.Event()
@@ -177,9 +157,11 @@ def request_scope(request: Any) -> RequestScope:
 class KvbmConnectorLeader(KvCacheConnectorScheduler):
     """Scheduler side (rank 0): matching, slot bookkeeping and per-step operations."""
 
+    supports_attention_dp = False
+
     def __init__(self, llm_args: Any):
         super().__init__(llm_args)
-        _check_engine_settings(llm_args)
+        check_engine_settings(llm_args)
         self._registry = default_registry()
         self._resolved = resolve_settings(registry=self._registry)
         settings = self._resolved.settings
@@ -348,6 +330,8 @@ class _RankStager:
 # ------------------------------------------------------------------------------------ worker
 class KvbmConnectorWorker(KvCacheConnectorWorker):
     """Every rank: executes the leader's operations on this rank's KV pool."""
+
+    supports_attention_dp = False
 
     def __init__(self, llm_args: Any):
         super().__init__(llm_args)

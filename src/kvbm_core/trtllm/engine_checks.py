@@ -14,6 +14,9 @@ parallelism.
 - ``kv_cache_config.enable_partial_reuse`` true: warn (device matches that end inside a block get no
   kvbm match);
 - ``backend`` other than ``pytorch``: fail (connectors exist only in the PyTorch backend);
+- attention data parallelism, beam search (``max_beam_width`` > 1), context parallelism > 1, the
+  V2 KV cache manager or several attention windows: fail (TensorRT-LLM hands the connector several
+  block spaces, or KV one pool does not describe; kvbm supports one flat pool of whole blocks);
 - ``kv_connector_config`` (YAML only): its module must import and name both classes; a YAML without
   it does not load kvbm (fail). ``llm_args`` are not checked for it: the engine has already loaded
   the classes that are checking.
@@ -52,7 +55,8 @@ class EngineFinding:
 def engine_findings(source: Any) -> list[EngineFinding]:
     """Every finding for ``source``: a TensorRT-LLM ``llm_args`` object or a parsed LLM-API YAML mapping."""
     from_yaml = isinstance(source, Mapping)
-    out = [_backend(source), _block_reuse(source), _pipeline(source), _host_cache(source), _partial_reuse(source, from_yaml)]
+    out = [_backend(source), _block_reuse(source), _pipeline(source), _host_cache(source), _partial_reuse(source, from_yaml),
+           *_single_pool(source)]
     if from_yaml:
         out += _connector(source)
     return out
@@ -122,8 +126,37 @@ def _partial_reuse(source: Any, from_yaml: bool) -> EngineFinding:
     if value:
         default = " (TRT-LLM's default when the key is absent)" if from_yaml and _get(source, key) is None else ""
         return EngineFinding(key, WARN, f"partial reuse is on{default}: device matches that end inside a block get no kvbm "
-                             "match; set kv_cache_config.enable_partial_reuse: false", "false")
+                             "match, and kvbm pins a finished request's blocks while its stores run (TRT-LLM copies "
+                             "into new blocks before the connector can order it); set "
+                             "kv_cache_config.enable_partial_reuse: false", "false")
     return EngineFinding(key, PASS, "off")
+
+
+def _single_pool(source: Any) -> list[EngineFinding]:
+    """What would give the connector more than one flat pool of whole blocks, or KV it cannot key."""
+    out = []
+    for key, bad, detail, accepted in (
+        ("enable_attention_dp", bool(_get(source, "enable_attention_dp", False)),
+         "attention data parallelism gives every rank its own requests and blocks", "false"),
+        ("max_beam_width", _int(_get(source, "max_beam_width", 1)) > 1, "beam search keeps several sequences per request",
+         "1"),
+        ("context_parallel_size", _int(_get(source, "context_parallel_size", 1)) > 1,
+         "context parallelism splits a sequence's KV over ranks", "1"),
+        ("kv_cache_config.use_kv_cache_manager_v2", bool(_get(source, "kv_cache_config.use_kv_cache_manager_v2", False)),
+         "the V2 KV cache manager hands the connector layer groups, not one pool", "false"),
+        ("kv_cache_config.max_attention_window", len(set(_get(source, "kv_cache_config.max_attention_window") or [])) > 1,
+         "several attention window sizes make several pools (VSWA)", "one window size"),
+    ):
+        if bad:
+            out.append(EngineFinding(key, FAIL, f"kvbm does not support this: {detail}", accepted))
+    return out or [EngineFinding("kv cache layout", PASS, "one pool of whole blocks")]
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 def _connector(source: Mapping[str, Any]) -> list[EngineFinding]:
