@@ -8,7 +8,11 @@
 - :class:`StagingLanes`: a fixed set of aligned staging areas (pinned host memory, or device memory
   for GPUDirect reads) that bound how much data is in flight between a file and the GPU.
 
-Tiers own bytes and formats; they never order operations (the engine's hazards do that).
+Tiers own bytes and formats; they never order operations (the engine's hazards do that). The
+members of :class:`HostStorage` and :class:`BlockFileStorage` are their levels' contracts: abstract
+members and annotated attributes without a default are required, and
+:mod:`kvbm_core.storage.contracts` checks them (on the class at registration, on the instance when
+it is built).
 """
 
 from __future__ import annotations
