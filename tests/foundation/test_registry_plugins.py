@@ -16,7 +16,7 @@ from kvbm_core.lru import PriorityLruEviction
 from kvbm_core.plugin_kinds import PLUGIN_KINDS, TYPE_HOOKS
 from kvbm_core.registry import Registry, blocked_from_environment
 from kvbm_core.settings import TierSpec
-from kvbm_core.storage import HostStorage
+from kvbm_core.storage import BlockFileStorage, HostStorage, StagingLanes
 
 FOUR_PLUGINS = {"kvbm-tier-cpu", "kvbm-tier-disk", "kvbm-tier-gds", "kvbm-policy-frequency"}
 
@@ -386,3 +386,72 @@ def test_a_tier_whose_close_raises_is_logged_and_the_next_still_closes(log_captu
     assert closed == ["tidy"]
     (line,) = [line for line in log_capture.getvalue().splitlines() if "close() failed" in line]
     assert "distribution=kvbm-leaky" in line and "OSError('cannot unmap')" in line
+
+
+class RecordTier(BlockFileStorage):
+    """A file-backed tier's members, without a file: enough for its contract to be checked."""
+
+    name = "records"
+
+    @classmethod
+    def bytes_per_slot(cls, layout):
+        return layout.bytes_per_block + 4096
+
+    def __init__(self, context: TierContext) -> None:
+        super().__init__(context)
+        self.record_bytes = self.bytes_per_slot(context.layout)
+        self.io_records, self.io_threads = 4, 1
+        self.lanes = StagingLanes(2, self.io_records, self.record_bytes, device=None)
+
+    def recovered(self): ...
+    def data_view(self, lane, count): ...
+    def write_lane(self, lane, first_slot, keys): ...
+    def write_rows(self, rows, first_slot, keys, lane): ...
+    def read_lane(self, lane, first_slot, keys): ...
+
+    def close(self) -> None:
+        self.lanes.close()
+
+
+class Unreadable(BlockFileStorage):
+    """Writes records but cannot read them back."""
+
+    name = "unreadable"
+
+    def recovered(self): ...
+    def data_view(self, lane, count): ...
+    def write_lane(self, lane, first_slot, keys): ...
+    def write_rows(self, rows, first_slot, keys, lane): ...
+    def close(self): ...
+
+
+class HeaderlessSizing(RecordTier):
+    """Writes records with a header but sizes slots as bare blocks: the file would outgrow its capacity."""
+
+    name = "headerless"
+
+    @classmethod
+    def bytes_per_slot(cls, layout):
+        return layout.bytes_per_block
+
+    def __init__(self, context):
+        super().__init__(context)
+        self.record_bytes = context.layout.bytes_per_block + 4096
+
+
+def test_disk_tier_is_checked_against_block_file_storage():
+    registry = Registry(load_entry_points=False)
+    registry.register(plugin_module("t", kvbm_tier_types=lambda: [RecordTier, HeaderlessSizing]), "t", "kvbm-t", "1")
+    tier = registry.create("tier", "records", "tiers.records.kind", context())
+    assert tier.record_bytes == 512 + 4096
+    registry.close(tier)
+    with pytest.raises(PluginError) as info:
+        registry.create("tier", "headerless", "tiers.headerless.kind", context())
+    assert info.value.distribution == "kvbm-t"
+    assert info.value.reason.startswith("tier 'headerless' (HeaderlessSizing) breaks its contract once built: "
+                                        "record_bytes 4608 differs from bytes_per_slot(layout) 512")
+
+    registry = Registry(load_entry_points=False)
+    registry.register(plugin_module("u", kvbm_tier_types=lambda: [Unreadable]), "u", "kvbm-u", "1")
+    (error,) = registry.problems
+    assert error.reason == "tier 'unreadable' (Unreadable) does not implement BlockFileStorage member(s): read_lane"
