@@ -83,7 +83,8 @@ def test_every_broken_plugin_is_listed_with_its_reason_and_blocking_them_exits_0
     fake_distribution("kvbm-missing-dep", "kvbm_missing_dep", "import kvbm_dependency_that_is_not_installed\n")
     fake_distribution("kvbm-wrong-type", "kvbm_wrong_type",
                       "from kvbm_core import hookimpl\n\n@hookimpl\ndef kvbm_offload_filters():\n    return [dict]\n")
-    site = fake_distribution("kvbm-typo", "kvbm_typo", "from kvbm_core import hookimpl\n\n@hookimpl\ndef kvbm_tier_typs():\n    return []\n")
+    site = fake_distribution("kvbm-typo", "kvbm_typo",
+                             "from kvbm_core import hookimpl\n\n@hookimpl\ndef kvbm_tier_typs():\n    return []\n")
     proc = run_kvbm("plugins", pythonpath=site)
     assert proc.returncode == 2
     rows = listed(proc)

@@ -272,7 +272,8 @@ class TierState:
         ready = np.flatnonzero(self.state == SlotState.READY)
         ready = ready[~np.isin(ready, np.asarray(leaving, np.int64))]
         ready = ready[np.argsort(self.evictable_since[ready], kind="stable")]
-        for slot, prio, tick in zip(ready.tolist(), self.priority[ready].tolist(), self.evictable_since[ready].tolist()):
+        for slot, prio, tick in zip(ready.tolist(), self.priority[ready].tolist(),
+                                    self.evictable_since[ready].tolist()):
             policy.add(slot, prio, tick)
         self.policy = policy
         self._replaced = True
@@ -292,7 +293,8 @@ class TierState:
         self._tick += len(slots)
         self.evictable_since[slots] = np.arange(first, self._tick + 1)
         try:
-            for slot, prio, tick in zip(np.asarray(slots).tolist(), priority[slots].tolist(), range(first, self._tick + 1)):
+            for slot, prio, tick in zip(np.asarray(slots).tolist(), priority[slots].tolist(),
+                                        range(first, self._tick + 1)):
                 policy.add(slot, prio, tick)
         except PLUGIN_FAILURES as exc:
             self._replace_policy(f"add() raised {exc!r}")  # the new policy gets these slots too
