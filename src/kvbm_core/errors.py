@@ -24,15 +24,21 @@ class ConfigError(KvbmError):
 
 
 class PluginError(KvbmError):
-    """A plugin failed to load, returned the wrong type, or clashes with another plugin.
+    """A plugin failed to load, broke its kind's contract, misbehaved, or clashes with another plugin.
 
     ``distribution`` names the installed distribution that is at fault, so the user knows what to
-    uninstall or upgrade.
+    uninstall or upgrade; ``reason`` is the message without that prefix.
     """
 
     def __init__(self, distribution: str, message: str):
         self.distribution = distribution
+        self.reason = message
         super().__init__(f"plugin distribution {distribution!r}: {message}")
+
+
+PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+"""What kvbm catches around a call into plugin code: any error, and ``SystemExit`` (a plugin has no
+business ending the engine's process). ``KeyboardInterrupt`` still stops kvbm."""
 
 
 class StorageError(KvbmError):

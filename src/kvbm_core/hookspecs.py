@@ -2,17 +2,19 @@
 
 A plugin is a module (or object) registered under the ``kvbm`` entry-point group that implements
 some of these hooks with ``@kvbm_core.hookimpl``. Core's own built-ins (LRU eviction, the
-in-process transport, metrics) are plugins of the same hooks.
+in-process transport, metrics) are plugins of the same hooks. Core calls every hook through
+pluggy (``pm.hook.<name>(...)``), so hook wrappers, ``tryfirst``/``trylast`` and tracing apply.
 
 Two families:
 
-- **Type hooks** (``kvbm_*_types``) contribute plugin classes by name. Each returns a sequence of
-  classes; results of all plugins are collected (none wins over another) and a name claimed twice is
-  an error naming both distributions.
+- **Type hooks** contribute plugin classes by name. Each returns a sequence of classes; results of
+  all plugins are collected (none wins over another) and a name claimed twice is an error naming
+  both distributions. :data:`kvbm_core.plugin_kinds.PLUGIN_KINDS` binds each type hook to its kind,
+  base class, profile key and the checks its classes must pass when the plugin registers.
 - **Event hooks** (``kvbm_pipeline_*``, ``kvbm_blocks_*``, ``kvbm_transfer_failed``,
   ``kvbm_request_*``) are called by core when something happened. Their return value is ignored.
   They run on the leader's scheduling path: keep them cheap, and never raise (an exception is
-  logged and swallowed so a broken subscriber cannot stop serving).
+  logged with the plugin's name and swallowed, and the other subscribers still run).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import pluggy
 if TYPE_CHECKING:
     import numpy as np
 
-    from kvbm_core.interfaces import EvictionPolicy, OffloadFilter, StorageTier, Transport
+    from kvbm_core.interfaces import EvictionPolicy, OffloadFilter, Transport
+    from kvbm_core.storage import BlockFileStorage, HostStorage
 
 PROJECT = "kvbm"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -34,18 +37,23 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # --------------------------------------------------------------------------------------- types
 @hookspec
-def kvbm_tier_types() -> Sequence[type["StorageTier"]]:
-    """Storage tier classes this plugin provides, selected in a profile as ``tiers: [{kind: NAME}]``."""
+def kvbm_tier_types() -> Sequence[type["HostStorage | BlockFileStorage"]]:
+    """Storage tier classes, selected in a profile as ``tiers: [{kind: NAME}]``.
+
+    A tier subclasses the storage base of its ``level``: :class:`~kvbm_core.storage.HostStorage`
+    (host memory the engine copies rows of) or :class:`~kvbm_core.storage.BlockFileStorage`
+    (records in a file), and implements every member of it.
+    """
 
 
 @hookspec
 def kvbm_eviction_policies() -> Sequence[type["EvictionPolicy"]]:
-    """Eviction policy classes, selected as ``eviction: NAME``."""
+    """Eviction policy classes, selected as ``eviction: NAME`` (one instance per tier)."""
 
 
 @hookspec
 def kvbm_offload_filters() -> Sequence[type["OffloadFilter"]]:
-    """Offload admission filters, selected as ``offload_filters: {disk: NAME}``."""
+    """Offload admission filters, selected as ``disk_offload_filter: {name: NAME}`` (host -> disk)."""
 
 
 @hookspec

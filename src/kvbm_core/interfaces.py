@@ -1,11 +1,12 @@
 """The plugin types a distribution can contribute, as small abstract classes.
 
 Each class carries a ``name`` (what a profile selects it by) and is returned from one of the
-``kvbm_*_types`` hooks in :mod:`kvbm_core.hookspecs`. The registry checks that a contributed class
-subclasses the right base here; anything else is a :class:`~kvbm_core.errors.PluginError` naming
-the distribution.
+``kvbm_*`` type hooks in :mod:`kvbm_core.hookspecs`. :data:`kvbm_core.plugin_kinds.PLUGIN_KINDS`
+binds each hook to its base class here and to the checks a contributed class must pass when its
+plugin registers; anything else is a :class:`~kvbm_core.errors.PluginError` naming the distribution.
 
-- :class:`StorageTier` lives on every worker and owns bytes (host memory, a disk file).
+- :class:`StorageTier` lives on every worker and owns bytes (host memory, a disk file). A tier
+  subclasses the storage base of its level (:mod:`kvbm_core.storage.contracts`), not this class.
 - :class:`EvictionPolicy` and :class:`OffloadFilter` live on the leader and own no bytes.
 - :class:`Transport` carries control traffic between processes (settings, completions, events).
 """
@@ -63,10 +64,18 @@ class TierContext:
 
 
 class StorageTier(ABC):
-    """Physical storage of one tier on one rank: ``num_slots`` slots of one block each."""
+    """Physical storage of one tier on one rank: ``num_slots`` slots of one block each.
+
+    The transfer engine drives a tier through the storage base of its ``level``
+    (:class:`~kvbm_core.storage.HostStorage` at ``HOST``, :class:`~kvbm_core.storage.BlockFileStorage`
+    at ``DISK``): a tier class subclasses that base, which the registry checks when the plugin
+    registers (:data:`kvbm_core.storage.contracts.TIER_CONTRACTS`).
+    """
 
     name: ClassVar[str]
     level: ClassVar[TierLevel]
+    #: What the tier was built with; the engine reads ``context.num_slots``.
+    context: TierContext
     #: Planning figures for the leader's cost model (GB/s per rank) until transfers are observed.
     read_gbps: ClassVar[float] = 1.0
     write_gbps: ClassVar[float] = 1.0
@@ -122,11 +131,16 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def victim(self) -> int | None:
-        """Remove and return the slot to evict next, or None when nothing is evictable."""
+        """Remove and return the slot to evict next, or None when nothing is evictable.
+
+        The slot must be one this policy was given with :meth:`add` and still holds. Offering a
+        slot twice in one allocation, a value that is not a slot, or None while slots are
+        evictable is a misbehaviour: the tier then replaces the policy with the built-in ``lru``.
+        """
 
     @abstractmethod
     def __len__(self) -> int:
-        """Number of evictable slots."""
+        """Number of slots the policy holds (for diagnostics: the tier keeps its own counts)."""
 
 
 class OffloadFilter(ABC):
@@ -143,7 +157,11 @@ class OffloadFilter(ABC):
 
     @abstractmethod
     def admit(self, keys: "np.ndarray") -> "np.ndarray":
-        """``keys`` is an ``[n, 2]`` uint64 array of block identities; return an ``[n]`` bool array."""
+        """``keys`` is an ``[n, 2]`` uint64 array of block identities; return an ``[n]`` bool array.
+
+        Anything else (another shape or dtype, or an exception) switches the filter off for the
+        rest of the run: the route then admits nothing.
+        """
 
 
 class Transport(ABC):
@@ -168,19 +186,10 @@ class Transport(ABC):
         """Stop and release connections."""
 
 
-PLUGIN_BASES: Mapping[str, type] = {
-    "tier": StorageTier,
-    "eviction": EvictionPolicy,
-    "filter": OffloadFilter,
-    "transport": Transport,
-}
-"""Plugin kind -> the base class a contributed type must subclass."""
-
 __all__: Sequence[str] = [
     "CheckResult",
     "EvictionPolicy",
     "OffloadFilter",
-    "PLUGIN_BASES",
     "StorageTier",
     "TierContext",
     "TierLevel",

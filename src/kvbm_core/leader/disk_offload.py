@@ -12,6 +12,15 @@ Each step, up to :data:`MAX_IN_FLIGHT` blocks of copies are planned; a queued bl
 its copy, which releases it with its result. A copy writes a disk slot (``WRITING``) until then; a
 copy whose host slot was found bad meanwhile is not kept. A block the disk has no free slot for yet
 stays queued; one found bad or already on disk leaves the queue.
+
+The filter is plugin code on the scheduling path, so the offloader calls it through
+:class:`CheckedAdmission`: an answer that is not an ``[n]`` bool array, or an exception, switches
+the filter off for the rest of the run with one error line naming its distribution, and from then
+on the route **admits nothing**. Failing closed is the safe side for a disk admission filter: the
+empty set is within what any filter could have admitted, so no block reaches the disk that the
+operator's filter would have kept off it (SSD wear and write bandwidth are what such a filter
+guards), and nothing is lost but future disk hits: blocks stay served from the host tier, and
+blocks already on disk are still served.
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+import structlog
 
+from kvbm_core.errors import PLUGIN_FAILURES
 from kvbm_core.interfaces import OffloadFilter
 from kvbm_core.leader.slot_state import SlotState
 from kvbm_core.leader.tier_state import ABSENT, TierState
@@ -28,11 +39,45 @@ from kvbm_core.leader.tier_state import ABSENT, TierState
 MAX_IN_FLIGHT = 256
 """Host -> disk blocks planned but not yet reported (bounds host slots held by background reads)."""
 
+log = structlog.get_logger("kvbm.leader.disk_offload")
+
+
+class CheckedAdmission:
+    """An :class:`OffloadFilter` as the offloader calls it: every answer checked (see the module
+    docstring). ``distribution`` names the filter's distribution in the error line."""
+
+    def __init__(self, admission: OffloadFilter, distribution: str) -> None:
+        self.admission = admission
+        self.distribution = distribution
+        self.failed: str | None = None
+
+    def admit(self, keys: np.ndarray) -> np.ndarray:
+        """Which of ``keys`` may move: the filter's answer, or none once it has misbehaved."""
+        n = len(keys)
+        if self.failed is None:
+            try:
+                answer = self.admission.admit(keys)
+            except PLUGIN_FAILURES as exc:
+                self._switch_off(f"admit() raised {exc!r}")
+            else:
+                if isinstance(answer, np.ndarray) and answer.dtype == np.bool_ and answer.shape == (n,):
+                    return answer
+                got = (f"{answer.dtype} array of shape {answer.shape}" if isinstance(answer, np.ndarray)
+                       else type(answer).__qualname__)
+                self._switch_off(f"admit() returned a {got} for {n} keys; expected a bool array of shape ({n},)")
+        return np.zeros(n, bool)
+
+    def _switch_off(self, problem: str) -> None:
+        self.failed = problem
+        log.error("disk admission filter misbehaved; host -> disk offload admits nothing from now on",
+                  filter=getattr(type(self.admission), "name", type(self.admission).__qualname__),
+                  distribution=self.distribution, problem=problem)
+
 
 class DiskOffloader:
     """Owns the host -> disk admission and queue for one host tier and one disk tier."""
 
-    def __init__(self, host: TierState, disk: TierState, admission: OffloadFilter | None) -> None:
+    def __init__(self, host: TierState, disk: TierState, admission: CheckedAdmission | None) -> None:
         self.host = host
         self.disk = disk
         self.admission = admission
@@ -52,7 +97,7 @@ class DiskOffloader:
             return
         keys = keys[self.disk.lookup(keys) == ABSENT]
         if len(keys) and self.admission is not None:
-            keys = keys[np.asarray(self.admission.admit(keys), bool)]
+            keys = keys[self.admission.admit(keys)]
         if not len(keys):
             return
         slots = self.host.lookup(keys)

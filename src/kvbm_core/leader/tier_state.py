@@ -21,20 +21,31 @@ Choices:
 - Every state change goes through :meth:`_move`, which checks the whole batch against
   :data:`~kvbm_core.leader.slot_state.TRANSITIONS` and raises :class:`SlotStateError` naming the
   first offending slot: an illegal transition is a bug, never silently absorbed.
+- **A misbehaving policy is replaced, never obeyed.** The policy is plugin code on the scheduling
+  path. A policy call that raises, a victim that is not a slot, a slot offered twice in one
+  allocation (a correct policy removes what it offers, and nothing is added during an allocation,
+  so this also bounds the loop to ``num_slots`` offers), or None while ``READY`` slots exist (every
+  ``READY`` slot was added) makes the tier log one error line naming the policy's distribution and
+  hand its evictable slots, in the order they became evictable, to the ``fallback`` policy (core's
+  ``lru``). Without a fallback it is a :class:`~kvbm_core.errors.PluginError` naming the
+  distribution.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import structlog
 
-from kvbm_core.errors import KvbmError
+from kvbm_core.errors import PLUGIN_FAILURES, KvbmError, PluginError
 from kvbm_core.interfaces import EvictionPolicy, TierLevel
 from kvbm_core.leader.key_index import ABSENT, CLASH, KeyIndex
 from kvbm_core.leader.slot_state import MATCHABLE_MASK, TRANSITIONS, SlotState
 
 __all__ = ["ABSENT", "CLASH", "DEFAULT_PRIORITY", "SlotStateError", "TierState"]
+
+log = structlog.get_logger("kvbm.leader.tier_state")
 
 DEFAULT_PRIORITY = 35
 """TRT-LLM's default retention priority, used where the engine reports none."""
@@ -52,19 +63,33 @@ class SlotStateError(KvbmError):
         super().__init__(f"tier {tier!r} slot {slot}: illegal transition {state.name} -> {target.name}")
 
 
-class TierState:
-    """Slots of one tier (``kind`` at ``level``), as the leader sees them."""
+class _PolicyMisbehaved(Exception):
+    """Internal: the policy broke its contract (the message says how)."""
 
-    def __init__(self, kind: str, level: TierLevel, num_slots: int, policy: EvictionPolicy) -> None:
+
+class TierState:
+    """Slots of one tier (``kind`` at ``level``), as the leader sees them.
+
+    ``policy_distribution`` names the distribution of ``policy`` in errors and logs; ``fallback``
+    builds the policy that takes over from a misbehaving one (see the module docstring).
+    """
+
+    def __init__(self, kind: str, level: TierLevel, num_slots: int, policy: EvictionPolicy, *,
+                 policy_distribution: str = "(unknown)",
+                 fallback: Callable[[int], EvictionPolicy] | None = None) -> None:
         self.kind = kind
         self.level = level
         self.num_slots = num_slots
         self.policy = policy
+        self.policy_distribution = policy_distribution
+        self._fallback = fallback
+        self._replaced = False
         self.state = np.zeros(num_slots, np.int8)
         self.holds = np.zeros(num_slots, np.int32)
         self.keys = np.zeros((num_slots, 2), np.uint64)
         self.seq = np.zeros(num_slots, np.uint64)
         self.priority = np.full(num_slots, DEFAULT_PRIORITY, np.int16)
+        self.evictable_since = np.zeros(num_slots, np.int64)  # tick of the last add, for a fallback
         self._index = KeyIndex(num_slots)
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
         self._tick = 0
@@ -100,9 +125,15 @@ class TierState:
         while free and len(out) < n:
             out.append(free.pop())
         evicted: list[int] = []
+        offered: set[int] = set()
         state = self.state
         while len(out) < n:
-            victim = self.policy.victim()
+            try:
+                victim = self._next_victim(offered, len(evicted))
+            except _PolicyMisbehaved as exc:
+                self._replace_policy(str(exc), leaving=evicted)
+                offered.clear()
+                continue
             if victim is None:
                 break
             if state[victim] != SlotState.READY:  # held since it was added: skipped (see module doc)
@@ -206,6 +237,47 @@ class TierState:
         self._move(slots, SlotState.DOOMED)
         return keys, seq
 
+    # ---------------------------------------------------------------------- eviction policy
+    def _next_victim(self, offered: set[int], evicted: int) -> int | None:
+        """The policy's next offer, checked (see the module docstring); ``offered`` grows by it."""
+        try:
+            victim = self.policy.victim()
+        except PLUGIN_FAILURES as exc:
+            raise _PolicyMisbehaved(f"victim() raised {exc!r}") from exc
+        if victim is None:
+            ready = self.count(SlotState.READY) - evicted
+            if ready > 0:
+                raise _PolicyMisbehaved(f"victim() returned None while {ready} slots are evictable")
+            return None
+        if isinstance(victim, bool) or not isinstance(victim, (int, np.integer)) or not 0 <= victim < self.num_slots:
+            raise _PolicyMisbehaved(f"victim() returned {victim!r}, not a slot in [0, {self.num_slots})")
+        victim = int(victim)
+        if victim in offered:
+            raise _PolicyMisbehaved(f"victim() offered slot {victim} twice in one allocation")
+        offered.add(victim)
+        return victim
+
+    def _replace_policy(self, problem: str, leaving: Sequence[int] | np.ndarray = ()) -> None:
+        """Hand the evictable slots (``READY``, except ``leaving``) to the fallback policy."""
+        broken = type(self.policy)
+        label = f"eviction policy {getattr(broken, 'name', '?')!r} ({broken.__qualname__}) on tier {self.kind!r}"
+        if self._replaced:
+            raise KvbmError(f"the fallback {label}: {problem} (a bug in kvbm)")
+        if self._fallback is None:
+            raise PluginError(self.policy_distribution, f"{label}: {problem}")
+        log.error("eviction policy misbehaved; the built-in policy takes over for this tier", tier=self.kind,
+                  policy=getattr(broken, "name", broken.__qualname__), distribution=self.policy_distribution,
+                  problem=problem)
+        policy = self._fallback(self.num_slots)
+        ready = np.flatnonzero(self.state == SlotState.READY)
+        ready = ready[~np.isin(ready, np.asarray(leaving, np.int64))]
+        ready = ready[np.argsort(self.evictable_since[ready], kind="stable")]
+        for slot, prio, tick in zip(ready.tolist(), self.priority[ready].tolist(),
+                                    self.evictable_since[ready].tolist()):
+            policy.add(slot, prio, tick)
+        self.policy = policy
+        self._replaced = True
+
     # ----------------------------------------------------------------------------- helpers
     def _move(self, slots: np.ndarray, target: SlotState) -> None:
         current = self.state.take(slots)
@@ -217,16 +289,23 @@ class TierState:
 
     def _make_evictable(self, slots: Sequence[int] | np.ndarray) -> None:
         policy, priority = self.policy, self.priority
-        tick = self._tick
-        for slot, prio in zip(np.asarray(slots).tolist(), priority[slots].tolist()):
-            tick += 1
-            policy.add(slot, prio, tick)
-        self._tick = tick
+        first = self._tick + 1
+        self._tick += len(slots)
+        self.evictable_since[slots] = np.arange(first, self._tick + 1)
+        try:
+            for slot, prio, tick in zip(np.asarray(slots).tolist(), priority[slots].tolist(),
+                                        range(first, self._tick + 1)):
+                policy.add(slot, prio, tick)
+        except PLUGIN_FAILURES as exc:
+            self._replace_policy(f"add() raised {exc!r}")  # the new policy gets these slots too
 
     def _unindex(self, slots: np.ndarray) -> None:
         self._index.remove(self.keys[slots], slots)
-        for slot in np.asarray(slots).tolist():
-            self.policy.discard(slot)
+        try:
+            for slot in np.asarray(slots).tolist():
+                self.policy.discard(slot)
+        except PLUGIN_FAILURES as exc:
+            self._replace_policy(f"discard() raised {exc!r}", leaving=slots)
 
     # ---------------------------------------------------------------------------- checking
     def verify(self) -> None:
@@ -244,3 +323,4 @@ class TierState:
         free = np.flatnonzero(state == SlotState.FREE)
         assert sorted(self._free) == free.tolist(), self.kind
         assert len(set(self._free)) == len(self._free), self.kind
+

@@ -11,9 +11,12 @@
   the disk tier), built from the installed host-level tier plugin. Disk blocks are staged into it,
   verified, before they are promised, and every stored block passes through it on its way to disk
   (with no admission filter, as the disk-only shape has none).
-- **Eviction**: one ``settings.eviction`` policy instance per tier, looked up in the registry.
+- **Eviction**: one ``settings.eviction`` policy instance per tier, built by the registry (a
+  constructor failure names the distribution); core's ``lru`` takes over a tier whose policy
+  misbehaves (:mod:`~kvbm_core.leader.tier_state`).
 - **Disk filter**: ``settings.disk_offload_filter.name`` from the registry, only when both a host
-  and a disk tier exist and the filter is enabled; it sees host -> disk offers only.
+  and a disk tier exist and the filter is enabled; it sees host -> disk offers only, through
+  :class:`~kvbm_core.leader.disk_offload.CheckedAdmission`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from dataclasses import dataclass
 
 from kvbm_core.channel import TierAllocation
 from kvbm_core.errors import ConfigError
-from kvbm_core.interfaces import OffloadFilter, TierLevel
+from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
+from kvbm_core.leader.disk_offload import CheckedAdmission
 from kvbm_core.leader.tier_state import TierState
+from kvbm_core.lru import PriorityLruEviction
 from kvbm_core.registry import Registry
 from kvbm_core.settings.model import KvbmSettings, TierSpec
 from kvbm_core.settings.pipeline import PipelinePlan, plan_pipeline
@@ -65,7 +70,7 @@ class LeaderTiers:
     host: TierState | None
     disk: TierState | None
     allocations: tuple[TierAllocation, ...]
-    disk_filter: OffloadFilter | None
+    disk_filter: CheckedAdmission | None
     read_gbps: dict[str, float]
 
 
@@ -87,7 +92,7 @@ def build_tiers(settings: KvbmSettings, layout: BlockLayout, world_size: int, re
                 clock: Callable[[], float]) -> LeaderTiers:
     plan = plan_pipeline(settings, registry)
     tier_types = registry.types("tier")
-    policy_cls = registry.get("eviction", settings.eviction, "eviction")
+    policy = registry.entry("eviction", settings.eviction, "eviction")
     states: dict[TierLevel, TierState] = {}
     allocations: list[TierAllocation] = []
     read_gbps: dict[str, float] = {}
@@ -99,12 +104,17 @@ def build_tiers(settings: KvbmSettings, layout: BlockLayout, world_size: int, re
         cls = tier_types[spec.kind].cls
         num_slots = slots_for(spec, cls, layout, world_size)
         level = TierLevel(cls.level)
-        states[level] = TierState(spec.kind, level, num_slots, policy_cls(num_slots, settings.eviction_options))
+        states[level] = TierState(
+            spec.kind, level, num_slots,
+            registry.create("eviction", policy.name, "eviction", num_slots, settings.eviction_options),
+            policy_distribution=policy.distribution, fallback=PriorityLruEviction,
+        )
         allocations.append(TierAllocation(spec.kind, level, num_slots, spec if staging else None))
         read_gbps[spec.kind] = float(cls.read_gbps)
     disk_filter = None
     if plan.disk_filter is not None:
-        filter_cls = registry.get("filter", plan.disk_filter, "disk_offload_filter.name")
-        disk_filter = filter_cls(settings.disk_offload_filter.options, clock=clock)
+        key = "disk_offload_filter.name"
+        admission = registry.create("filter", plan.disk_filter, key, settings.disk_offload_filter.options, clock=clock)
+        disk_filter = CheckedAdmission(admission, registry.entry("filter", plan.disk_filter, key).distribution)
     return LeaderTiers(plan, states.get(TierLevel.HOST), states.get(TierLevel.DISK), tuple(allocations),
                        disk_filter, read_gbps)

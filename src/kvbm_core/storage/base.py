@@ -13,7 +13,11 @@
   filesystem is failing or full (:data:`DEVICE_ERRNOS`). What start-up recovery discarded, and why,
   is :meth:`BlockFileStorage.recovery_report`.
 
-Tiers own bytes and formats; they never order operations (the engine's hazards do that).
+Tiers own bytes and formats; they never order operations (the engine's hazards do that). The
+members of :class:`HostStorage` and :class:`BlockFileStorage` are their levels' contracts: abstract
+members and annotated attributes without a default are required, and
+:mod:`kvbm_core.storage.contracts` checks them (on the class at registration, on the instance when
+it is built).
 """
 
 from __future__ import annotations
