@@ -15,7 +15,8 @@ import pytest
 
 from conftest import executor_config, settle
 
-from kvbm_core.testing import RequestSpec
+from kvbm_core.identity import block_keys
+from kvbm_core.testing import ReferenceExecutor, RequestSpec
 
 CPU = [{"kind": "cpu", "num_blocks": 512}]
 LINES = ["1.2", "1.3"]
@@ -118,8 +119,6 @@ def test_disk_blocks_corrupted_while_serving_are_never_promised(kvbm_run, tmp_pa
     data[4096 + 1000 :: 4096 * 4] ^= 0x10  # one flipped byte in every record's data
     data.flush()
     del data
-    from kvbm_core.testing import ReferenceExecutor
-
     expected = ReferenceExecutor(executor.config, model=executor.model).run(later).tokens()
     again = executor.run(later)
     settle(executor)
@@ -133,10 +132,6 @@ def test_a_host_tier_smaller_than_a_prompt_still_puts_the_whole_prefix_on_disk(k
     """3 host slots in front of a disk, a 6-block prompt: the blocks the host has no room for go
     straight to the disk, so the whole prefix is there; a later turn gets back as many as the host
     can stage at once (a promise only ever covers verified host blocks)."""
-    from conftest import CONNECTOR
-    from kvbm_core.identity import block_keys
-    from kvbm_core.testing import ReferenceExecutor
-
     rng = np.random.default_rng(6)
     prompt = rng.integers(1, 250, 6 * 16 + 5).tolist()
     fillers = [RequestSpec(rng.integers(1, 250, 150).tolist(), 2, arrival_step=2 + i) for i in range(4)]

@@ -12,7 +12,8 @@ import yaml
 
 from kvbm_core import hookimpl
 from kvbm_core.cli import doctor, machine
-from kvbm_core.interfaces import CheckResult, StorageTier, TierLevel
+from kvbm_core.interfaces import CheckResult
+from kvbm_core.storage import HostStorage
 from kvbm_core.registry import Registry
 from kvbm_core.settings import KvbmSettings, TierSpec, resolve_settings
 
@@ -160,13 +161,16 @@ def test_blocks_only_disk_tier_and_unwritable_directory(tmp_path):
     assert row.status == "fail"
 
 
-class FragileTier(StorageTier):
+class FragileTier(HostStorage):
     name = "fragile"
-    level = TierLevel.HOST
 
     @classmethod
     def diagnose(cls, spec, settings):
         raise RuntimeError("probe crashed")
+
+    @property
+    def slots(self):
+        raise NotImplementedError("never built: only diagnosed")
 
     def close(self) -> None:
         pass

@@ -546,7 +546,7 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         if self._link is not None:
             self._link.close()
         for tier in self._tiers.values():
-            tier.close()
+            self._registry.close(tier)
 
 
 def _close_weakly(ref: "weakref.ref[Any]") -> None:

@@ -1,6 +1,7 @@
 """Building one rank's tiers from the leader's :class:`~kvbm_core.channel.WorkerConfig`.
 
-Each tier is constructed through the registry (``kind`` -> plugin class) with a
+Each tier is constructed through the registry (``kind`` -> plugin class, checked against the storage
+contract of its level, a failure naming the distribution) with a
 :class:`~kvbm_core.interfaces.TierContext`; the worker never imports a tier plugin by name. If one
 tier fails to build, the ones already built are closed before the error propagates.
 """
@@ -36,9 +37,9 @@ def build_tiers(config: WorkerConfig, layout: BlockLayout, rank: int, device: to
             context = TierContext(spec=spec, layout=layout, num_slots=allocation.num_slots, rank=rank,
                                   world_size=config.world_size, namespace=config.namespace, device=device,
                                   settings=config.settings)
-            tiers[allocation.level] = cls(context)
+            tiers[allocation.level] = registry.create("tier", allocation.kind, f"tiers.{allocation.kind}.kind", context)
     except BaseException:
         for tier in tiers.values():
-            tier.close()
+            registry.close(tier)
         raise
     return tiers
