@@ -125,7 +125,7 @@ class SummaryLogger:
 
 
 def _tiers(pipeline: Any) -> tuple[dict[str, int], dict[str, str]]:
-    """Each tier's slots, and the route an onboard from it takes (``h2d`` or ``disk2d``)."""
+    """Each tier's slots, and the route an onboard from it takes (``h2d`` or ``disk2h``)."""
     tiers: Iterable[Any] = getattr(pipeline, "tiers", ())
     if isinstance(tiers, Mapping):
         tiers = tiers.values()

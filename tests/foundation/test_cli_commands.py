@@ -62,7 +62,7 @@ def test_config_show_environment_over_profile(run_kvbm):
     assert cpu["sources"]["kind"] == "profile:cpu_disk"
     assert (disk["kind"], disk["capacity_gb"]) == ("disk", 8.0)
     assert disk["sources"]["capacity_gb"] == "profile:cpu_disk"
-    assert doc["pipeline"]["offload"] == ["d2h", "h2disk"] and doc["pipeline"]["disk_filter"] == "frequency"
+    assert doc["pipeline"]["offload"] == ["d2h", "h2disk", "d2disk"] and doc["pipeline"]["disk_filter"] == "frequency"
     assert doc["settings"]["metrics.port"] == {"value": 6880, "source": "default"}
 
 
@@ -76,7 +76,7 @@ def test_config_show_text_names_every_source(run_kvbm, tmp_path):
     assert rows["metrics.port"][1:] == ["7100", f"profile:{profile}"]
     assert rows["metrics.enabled"][1:] == ["true", "env:DYN_KVBM_METRICS"]
     assert rows["eviction"][1:] == ["lru", "default"]
-    assert "offload d2disk (disk)" in proc.stdout
+    assert "offload d2h (host staging), h2disk (disk), d2disk (disk, when the host is full)" in proc.stdout
 
 
 def test_example_plugin_selected_by_name_in_a_profile(run_kvbm, tmp_path):

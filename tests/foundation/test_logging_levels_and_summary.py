@@ -97,13 +97,13 @@ def test_summary_line_reports_hit_rates_bandwidth_and_fill(summarised, log_captu
     notify("kvbm_request_finished", request_id=1, queried_blocks=4, host_hit_blocks=2, disk_hit_blocks=1)
     notify("kvbm_blocks_offloaded", route="d2h", num_blocks=8, num_bytes=8_000_000_000, seconds=2.0)
     notify("kvbm_blocks_onboarded", tier="disk", request_id=1, num_blocks=1, num_bytes=1_000_000_000, seconds=1.0)
-    notify("kvbm_transfer_failed", route="disk2d", op_id=1, request_id=1, error="checksum")
+    notify("kvbm_transfer_failed", route="disk2h", op_id=1, request_id=1, error="checksum")
     notify("kvbm_blocks_stored", tier="cpu", route="d2h", keys=np.zeros((8, 2), np.uint64), seq_hashes=np.zeros(8, np.uint64))
     notify("kvbm_blocks_removed", tier="cpu", keys=np.zeros((2, 2), np.uint64), seq_hashes=np.zeros(2, np.uint64))
     active.log_once()
     (line,) = summary_lines(log_capture.getvalue())
-    for field in ("host_hit_rate=0.5", "disk_hit_rate=0.25", "d2h_blocks=8", "d2h_gbps=4.0", "disk2d_gbps=1.0",
-                  "disk2d_failures=1", "cpu_fill=6/100", "disk_fill=0/1000"):
+    for field in ("host_hit_rate=0.5", "disk_hit_rate=0.25", "d2h_blocks=8", "d2h_gbps=4.0", "disk2h_gbps=1.0",
+                  "disk2h_failures=1", "cpu_fill=6/100", "disk_fill=0/1000"):
         assert field in line, (field, line)
     assert "prefix lookup" in log_capture.getvalue() and "host=32" in log_capture.getvalue(), "debug: each lookup"
     active.log_once()

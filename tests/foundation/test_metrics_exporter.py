@@ -33,7 +33,7 @@ DYNAMO_DASHBOARD = {
     "dynamo_kvbm_onboard_blocks_h2d",
     "dynamo_kvbm_onboard_blocks_d2d",
 }
-ROUTES = ("d2h", "h2d", "h2disk", "disk2d", "d2disk")
+ROUTES = ("d2h", "h2d", "h2disk", "disk2h", "d2disk")
 
 SEED_NAMES = {
     "kvbm_matched_tokens",
@@ -126,7 +126,7 @@ def test_seed_metrics_have_exact_names_and_values(exported):
     notify("kvbm_blocks_offloaded", route="d2disk", num_blocks=2, num_bytes=2 * 4096, seconds=0.03)
     notify("kvbm_blocks_onboarded", tier="cpu", request_id=1, num_blocks=16, num_bytes=16 * 4096, seconds=0.004)
     notify("kvbm_blocks_onboarded", tier="disk", request_id=1, num_blocks=4, num_bytes=4 * 4096, seconds=0.3)
-    notify("kvbm_transfer_failed", route="disk2d", op_id=9, request_id=1, error="checksum mismatch")
+    notify("kvbm_transfer_failed", route="disk2h", op_id=9, request_id=1, error="checksum mismatch")
     notify("kvbm_blocks_stored", tier="cpu", route="d2h", keys=keys(10), seq_hashes=np.zeros(10, np.uint64))
     notify("kvbm_blocks_removed", tier="cpu", keys=keys(4), seq_hashes=np.zeros(4, np.uint64))
 
@@ -142,13 +142,13 @@ def test_seed_metrics_have_exact_names_and_values(exported):
     for name in SEED_NAMES:
         assert s[(f"dynamo_{name}", ())] == s[(name, ())], name
     assert s[("kvbm_transfer_bytes_total", (("route", "d2h"),))] == 10 * 4096
-    assert s[("kvbm_transfer_bytes_total", (("route", "disk2d"),))] == 4 * 4096
+    assert s[("kvbm_transfer_bytes_total", (("route", "disk2h"),))] == 4 * 4096
     assert s[("kvbm_transfer_blocks_total", (("route", "h2d"),))] == 16
     assert s[("kvbm_transfer_seconds_count", (("route", "d2h"),))] == 2
     assert s[("kvbm_transfer_seconds_sum", (("route", "d2h"),))] == pytest.approx(0.003)
-    assert s[("kvbm_transfer_seconds_bucket", (("le", "0.005"), ("route", "disk2d")))] == 0
-    assert s[("kvbm_transfer_seconds_bucket", (("le", "0.5"), ("route", "disk2d")))] == 1
-    assert s[("kvbm_transfer_failures_total", (("route", "disk2d"),))] == 1
+    assert s[("kvbm_transfer_seconds_bucket", (("le", "0.005"), ("route", "disk2h")))] == 0
+    assert s[("kvbm_transfer_seconds_bucket", (("le", "0.5"), ("route", "disk2h")))] == 1
+    assert s[("kvbm_transfer_failures_total", (("route", "disk2h"),))] == 1
     assert s[("kvbm_transfer_failures_total", (("route", "d2h"),))] == 0
     assert s[("kvbm_tier_blocks", (("tier", "cpu"),))] == 6
     assert s[("kvbm_tier_capacity_blocks", (("tier", "disk"),))] == 1000

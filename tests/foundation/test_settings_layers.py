@@ -92,7 +92,7 @@ def test_tier_sizes_layer_and_block_override_wins(tmp_path, registry):
 def test_zero_gb_from_environment_removes_the_tier(registry):
     r = resolve_settings({"DYN_KVBM_PROFILE": "cpu_disk", "DYN_KVBM_CPU_CACHE_GB": "0"}, registry=registry)
     assert [t.kind for t in r.settings.tiers] == ["disk"]
-    assert plan_pipeline(r.settings, registry).offload == (Route.D2DISK,)
+    assert plan_pipeline(r.settings, registry).offload == (Route.D2H, Route.H2DISK, Route.D2DISK)
 
 
 # ------------------------------------------------------------------------- every seed variable
@@ -176,8 +176,8 @@ def test_cpu_and_disk_pipeline_filters_host_to_disk_by_default(registry):
     assert [(t.kind, t.capacity_gb) for t in r.settings.tiers] == [("cpu", 4.0), ("disk", 8.0)]
     plan = plan_pipeline(r.settings, registry)
     assert plan.shape == "host+disk"
-    assert plan.offload == (Route.D2H, Route.H2DISK)
-    assert plan.onboard == (Route.H2D, Route.DISK2D)
+    assert plan.offload == (Route.D2H, Route.H2DISK, Route.D2DISK)
+    assert plan.onboard == (Route.DISK2H, Route.H2D)
     assert plan.disk_filter == "frequency"
 
     off = resolve_settings(
@@ -186,12 +186,14 @@ def test_cpu_and_disk_pipeline_filters_host_to_disk_by_default(registry):
     assert plan_pipeline(off.settings, registry).disk_filter is None
 
 
-def test_disk_only_pipeline_goes_device_to_disk_without_filter(registry):
+def test_disk_only_pipeline_stages_through_host_without_filter(registry):
+    """A disk-only profile still moves blocks through a small host staging tier, unfiltered."""
     r = resolve_settings({"DYN_KVBM_DISK_CACHE_GB": "8"}, registry=registry)
     assert [(t.kind, t.capacity_gb) for t in r.settings.tiers] == [("disk", 8.0)]
     plan = plan_pipeline(r.settings, registry)
     assert plan.shape == "disk"
-    assert plan.offload == (Route.D2DISK,) and plan.onboard == (Route.DISK2D,)
+    assert plan.offload == (Route.D2H, Route.H2DISK, Route.D2DISK)
+    assert plan.onboard == (Route.DISK2H, Route.H2D)
     assert plan.disk_filter is None
 
 
