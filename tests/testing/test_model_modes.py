@@ -222,4 +222,4 @@ def test_exact_attention_does_not_depend_on_how_queries_are_sliced() -> None:
     q = exact.activations(torch.randn(37, 4, 16, generator=gen))
     keys, values = torch.randn(2, 50, 16, generator=gen), torch.randn(2, 50, 16, generator=gen)
     together = exact.attend(q, keys, values, 13, 0.25, tables)
-    assert torch.equal(exact.attend(q, keys, values, 13, 0.25, tables, max_scores=1), together)
+    assert torch.equal(exact.attend(q, keys, values, 13, 0.25, tables, rows_per_slice=1), together)

@@ -117,9 +117,15 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, tables: Tables) -> torch.Tensor:
     """SiLU(gate) * up, with SiLU looked up at gate's nearest multiple of 2**-10."""
-    index = torch.round((gate.clamp(-SILU_LIMIT, SILU_LIMIT) + SILU_LIMIT) * 2**SILU_BITS).long()
-    silu = torch.where(gate.abs() <= SILU_LIMIT, tables.silu[index], gate.clamp(min=0))
+    index = (gate.clamp(-SILU_LIMIT, SILU_LIMIT) + SILU_LIMIT).mul_(2**SILU_BITS).round_().int()
+    silu = torch.where(gate.abs() <= SILU_LIMIT, tables.silu.index_select(0, index.view(-1)).view(gate.shape),
+                       gate.clamp(min=0))
     return activations(silu * up)
+
+
+def residual(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``h + delta`` for ``h`` on the grid: exact, then clamped."""
+    return (h + activations(delta)).clamp_(-ACT_LIMIT, ACT_LIMIT)
 
 
 def attend(
@@ -129,35 +135,35 @@ def attend(
     start: int,
     scale: float,
     tables: Tables,
-    max_scores: int = 2**28,
+    rows_per_slice: int = 128,
 ) -> torch.Tensor:
     """Causal attention of the queries ``[rows, q_heads, d]`` (on the grid) of positions ``start,
     start + 1, ...`` over the pool's keys and values ``[kv_heads, start + rows, d]``; returns
     ``[rows, q_heads * d]``.
 
     Softmax weights are table integers, ``exp[round((max - score) * scale * 2**10)]``; the output
-    is the exact weighted sum of values over the exact sum of weights, one division. Queries go
-    in slices of at most ``max_scores`` scores, each against the keys up to its last position
-    (a hidden key's weight is 0, so a query's result is the same in any slice).
+    is the exact weighted sum of values over the exact sum of weights, one division. Queries go in
+    slices of ``rows_per_slice``, each against the keys up to its last position only (a hidden
+    key's weight is 0 and every sum is exact, so a query's result is the same in any slice).
     """
     rows, hq, d = q.shape
     hkv = keys.shape[0]
     group = hq // hkv
     keys, values = pool_values(keys), pool_values(values)
-    step = max(1, max_scores // (hq * keys.shape[1]))
     to_steps = scale * 2**EXP_BITS
     outputs = []
-    for first in range(0, rows, step):
-        n = min(step, rows - first)
-        length = start + first + n  # keys up to the slice's last query
+    for first in range(0, rows, rows_per_slice):
+        n = min(rows_per_slice, rows - first)
+        seen = start + first  # keys every query of the slice sees
+        length = seen + n  # keys up to the slice's last query
         qg = q[first : first + n].permute(1, 0, 2).reshape(hkv, group * n, d)  # q heads sharing a KV head
         scores = torch.bmm(qg, keys[:, :length].transpose(1, 2))
-        query_positions = torch.arange(start + first, length, device=q.device)
-        hidden = torch.arange(length, device=q.device)[None, :] > query_positions[:, None]
-        scores.masked_fill_(hidden.repeat(group, 1), float("-inf"))
+        own = torch.arange(n, device=q.device)
+        hidden = (own[None, :] > own[:, None]).repeat(group, 1)  # among the slice's own positions
+        scores[:, :, seen:].masked_fill_(hidden, float("-inf"))
         top = scores.amax(-1, keepdim=True)
         steps = scores.sub_(top).mul_(-to_steps).round_().clamp_(max=len(tables.exp) - 1)  # (top - s) * c
-        weights = torch.take(tables.exp, steps.long())  # hidden keys: +inf steps, the last entry, 0
+        weights = tables.exp.index_select(0, steps.int().view(-1)).view(steps.shape)  # hidden: +inf steps -> 0
         out = torch.bmm(weights, values[:, :length]) / weights.sum(-1, keepdim=True)  # [hkv, group * n, d]
         outputs.append(out.reshape(hq, n, d).permute(1, 0, 2).reshape(n, hq * d))
     return activations(torch.cat(outputs) if len(outputs) > 1 else outputs[0])

@@ -136,7 +136,7 @@ class _ExactOps:
         return exact.silu_mul(gate, up, self.tables)
 
     def add(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return exact.activations(h + exact.activations(delta))
+        return exact.residual(h, delta)
 
 
 class ReferenceModel:
