@@ -5,7 +5,7 @@ exact mode stays a real model (KV depends on the whole prefix, a wrong KV byte c
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 import pytest
@@ -40,24 +40,19 @@ class Request:
     chunks: list[int]
     decode: int = 3
     position: int = 0  # tokens computed so far
-    tokens: list[int] | None = None  # generated so far
+    tokens: list[int] = field(default_factory=list)  # generated so far
 
     def next_piece(self) -> Piece | None:
         if self.position < len(self.prompt):
             n = self.chunks.pop(0)
             piece = Piece(self.table, self.position, self.prompt[self.position : self.position + n],
                           self.position + n == len(self.prompt))
-        elif self.tokens is not None and len(self.tokens) < self.decode:
+        elif self.tokens and len(self.tokens) < self.decode:
             piece = Piece(self.table, self.position, self.tokens[-1:], True)
         else:
             return None
         self.position += len(piece.tokens)
         return piece
-
-    def took(self, token: torch.Tensor | None) -> None:
-        if token is not None:
-            self.tokens = [*(self.tokens or []), int(token)]
-
 
 def _serve(model: ReferenceModel, pools: KvPools, requests: list[Request]) -> None:
     """Forward passes over every request's next piece together until all are done."""
@@ -66,7 +61,8 @@ def _serve(model: ReferenceModel, pools: KvPools, requests: list[Request]) -> No
         if not batch:
             return
         for (request, _), token in zip(batch, model.forward([p for _, p in batch], pools), strict=True):
-            request.took(token)
+            if token is not None:
+                request.tokens.append(int(token))
 
 
 def _kv(model: ReferenceModel, pools: KvPools, request: Request) -> torch.Tensor:

@@ -104,7 +104,7 @@ class Tables:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension: an exact sum of squares, then correctly rounded steps."""
     x = activations(x)
-    mean_square = (x * x).sum(-1, keepdim=True) / x.shape[-1]
+    mean_square = (x * x).sum(-1, keepdim=True) * (1.0 / x.shape[-1])  # exact for a power-of-two size
     return activations(x / torch.sqrt(mean_square + eps) * weight)
 
 

@@ -11,19 +11,23 @@ Three modes (``mode=``; ``None`` picks ``exact`` on CPU and ``fast`` on CUDA):
 - ``exact``: fixed-point values held in float64 whose sums are exact, so no kernel choice, blocking
   or summation order can change a result (:mod:`kvbm_core.testing.exact` gives the argument). A
   token's KV and logits are the same bytes however its prompt was chunked, whatever it was batched
-  with and whether its prefix was computed or loaded, on any CPU or GPU. The tests run it.
+  with and whether its prefix was computed or loaded; this holds on any CPU and on a GPU. The tests
+  run it.
 - ``batch_invariant``: the shape's dtype (bfloat16 for the real models) and torch's own kernels,
   every one called at a fixed shape. Norms, projections, RoPE, the MLP and the LM head run on tiles
   of exactly ``tiles[0]`` rows (the batch's rows padded with dummy rows); attention runs one piece
   at a time on tiles of ``tiles[1]`` queries, against the piece's keys and values read back from
   the pool and zero-padded to a fixed length (``max_seq_len`` rounded up to 64), keys after each
-  query's position masked. A row's result then depends only on its own inputs, provided a kernel
-  called at one shape computes each output row by the same operations whatever the other rows hold
-  and wherever the row sits in the call: the batch-invariance property of GEMMs without split-K
-  across rows, of softmax and of row reductions, which ``benchmarks/gpu/model_modes.py`` checks on
-  the GPU. On CPU the tiles are one row each (``tiles=(1, 1)``), so every row is computed by the
-  same calls at the same places and the property reduces to "the same call gives the same
-  result". For ``kvbm bench`` on a GPU, where outputs with and without kvbm must be equal.
+  query's position masked, so a query's softmax and its sum over values always span the same key
+  slots; on a GPU an elementwise kernel computes every element by the same code. A row's result
+  then depends only on its own inputs, provided that a kernel called at one shape reduces each
+  output row in the same order whatever the other rows hold and wherever the row sits in the call
+  (batch invariance: GEMM, softmax and row-reduction kernels pick their reduction order from the
+  shape, not from the values); ``benchmarks/gpu/model_modes.py`` checks this on the GPU. On CPU
+  the tiles are one row each (``tiles=(1, 1)``): every row goes through the same calls at the same
+  places (so also through the same vector or scalar loop of an elementwise kernel), and the
+  proviso reduces to "the same call gives the same result". Meant for ``kvbm bench`` on a GPU,
+  where outputs with and without kvbm should be equal.
 - ``fast``: the batch runs as one (norms, projections and the MLP over all its rows at once,
   attention piece by piece through ``scaled_dot_product_attention``), as an engine batches; a
   token's KV then depends on what it was batched with (deterministic for a fixed schedule only).
