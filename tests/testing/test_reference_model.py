@@ -77,6 +77,12 @@ def test_pool_is_block_major_hnd_and_split_by_rank() -> None:
     keys, values = pools.read(2, table, 18)
     assert torch.equal(keys[:, 17], k[1]) and torch.equal(values[:, 3], v[0])
 
+    pools.write(2, table, torch.tensor([20]), k[:1], v[:1])  # a later position, in the same block
+    padded_keys, padded_values = pools.read(2, table, 18, padded_length=40)
+    assert padded_keys.shape == (s.num_kv_heads, 40, s.head_dim)
+    assert torch.equal(padded_keys[:, :18], keys) and torch.equal(padded_values[:, :18], values)
+    assert not padded_keys[:, 18:].any() and not padded_values[:, 18:].any()
+
 
 def test_presets_have_the_real_models_kv_bytes() -> None:
     assert PRESETS["qwen3-0.6b"].kv_bytes_per_token == 114_688
