@@ -24,7 +24,7 @@ from kvbm_core.trtllm.connector import KvbmConnectorLeader, KvbmConnectorWorker
 CONNECTOR = (KvbmConnectorLeader, KvbmConnectorWorker)
 TOKENS_PER_BLOCK = 16
 #: ``KVBM_TEST_DEVICE=cuda`` runs the same end-to-end tests on a GPU (pool, model, streams, pinned
-#: host tier); the model then runs in its invariant mode so KV bytes stay comparable bit for bit.
+#: host tier); the model then runs in its exact mode so KV bytes stay comparable bit for bit.
 DEVICE = os.environ.get("KVBM_TEST_DEVICE", "cpu")
 
 
@@ -41,7 +41,7 @@ def executor_config(**overrides: Any) -> ExecutorConfig:
         max_seq_len=512,
         oracle=True,
         device=DEVICE,
-        invariant=True,
+        model_mode="exact",
     )
     return replace(base, **overrides)
 

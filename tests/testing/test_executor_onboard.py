@@ -117,7 +117,7 @@ def test_a_connector_that_skips_its_loads_is_caught() -> None:
 def test_the_gpu_code_path_on_cpu_bf16_sdpa_and_a_tolerant_oracle() -> None:
     shape = ModelShape("small-bf16", 512, 64, 2, 4, 2, 16, 128, dtype="bfloat16", qk_norm=True)
     cfg = replace(
-        CFG, model=shape, invariant=False, oracle_tolerance=0.05, enable_chunked_prefill=True, max_num_tokens=48
+        CFG, model=shape, model_mode="fast", oracle_tolerance=0.05, enable_chunked_prefill=True, max_num_tokens=48
     )
     scheduler, worker, _ = make_connector(Options())
     before = ReferenceExecutor(cfg, connector=(scheduler, worker))

@@ -1,4 +1,5 @@
-"""The reference model and pool: TRT-LLM's layout, seeded weights, and chunking-invariant KV bytes."""
+"""The reference model and pool: TRT-LLM's layout, seeded weights, and the fast mode against the exact one
+(the deterministic modes' invariance is in ``test_model_modes``)."""
 
 from __future__ import annotations
 
@@ -32,15 +33,6 @@ def _kv_after(model: ReferenceModel, prompt: list[int], chunks: list[int]) -> to
     return torch.stack([torch.stack(pools.read(layer, table, len(prompt))) for layer in range(model.shape.num_layers)])
 
 
-def test_kv_bytes_do_not_depend_on_chunking() -> None:
-    model = ReferenceModel("tiny", seed=3, max_seq_len=256)
-    prompt = _prompt(100)
-    whole = _kv_after(model, prompt, [100])
-    assert torch.equal(whole, _kv_after(model, prompt, [32, 32, 36]))
-    assert torch.equal(whole, _kv_after(model, prompt, [48, 5, 47]))
-    assert torch.equal(whole, _kv_after(model, prompt, [1] * 100))
-
-
 def test_weights_and_tokens_follow_the_seed() -> None:
     prompt = _prompt(40, seed=1)
     a = greedy_decode(ReferenceModel("tiny", seed=7, max_seq_len=128), prompt, 6)
@@ -51,12 +43,18 @@ def test_weights_and_tokens_follow_the_seed() -> None:
     assert len(set(a)) > 1
 
 
-def test_fast_attention_path_agrees_with_the_invariant_path() -> None:
-    exact = ReferenceModel("tiny", seed=2, max_seq_len=256)
-    fast = ReferenceModel("tiny", seed=2, max_seq_len=256, invariant=False)
+def test_fast_and_batch_invariant_modes_agree_with_the_exact_mode() -> None:
+    """The same model in three arithmetics: the exact mode's grids (activations in steps of 2**-12,
+    softmax weights of 16 bits) keep its KV within 2e-3 of float32 here; the two float modes agree
+    to rounding."""
+    exact = ReferenceModel("tiny", seed=2, max_seq_len=256, mode="exact")
+    fast = ReferenceModel("tiny", seed=2, max_seq_len=256, mode="fast")
+    tiled = ReferenceModel("tiny", seed=2, max_seq_len=256, mode="batch_invariant")
     prompt = _prompt(90, seed=2)
     for chunks in ([90], [40, 50], [64, 1, 25]):  # from 0, after a prefix, single-token query
-        assert torch.allclose(_kv_after(exact, prompt, chunks), _kv_after(fast, prompt, chunks), atol=1e-5)
+        fast_kv = _kv_after(fast, prompt, chunks)
+        assert torch.allclose(_kv_after(exact, prompt, chunks), fast_kv, atol=1e-2)
+        assert torch.allclose(_kv_after(tiled, prompt, chunks), fast_kv, atol=1e-5)
 
 
 def test_pool_is_block_major_hnd_and_split_by_rank() -> None:
@@ -79,6 +77,12 @@ def test_pool_is_block_major_hnd_and_split_by_rank() -> None:
     keys, values = pools.read(2, table, 18)
     assert torch.equal(keys[:, 17], k[1]) and torch.equal(values[:, 3], v[0])
 
+    pools.write(2, table, torch.tensor([20]), k[:1], v[:1])  # a later position, in the same block
+    padded_keys, padded_values = pools.read(2, table, 18, padded_length=40)
+    assert padded_keys.shape == (s.num_kv_heads, 40, s.head_dim)
+    assert torch.equal(padded_keys[:, :18], keys) and torch.equal(padded_values[:, :18], values)
+    assert not padded_keys[:, 18:].any() and not padded_values[:, 18:].any()
+
 
 def test_presets_have_the_real_models_kv_bytes() -> None:
     assert PRESETS["qwen3-0.6b"].kv_bytes_per_token == 114_688
@@ -90,7 +94,7 @@ def test_presets_have_the_real_models_kv_bytes() -> None:
 def test_batched_fast_path_agrees_with_one_piece_at_a_time() -> None:
     """The fast path computes a batch as one (norms, projections, MLP over every row); each piece
     still attends only over its own blocks, so KV and tokens match computing the pieces alone."""
-    model = ReferenceModel("tiny", seed=4, max_seq_len=256, invariant=False)
+    model = ReferenceModel("tiny", seed=4, max_seq_len=256, mode="fast")
     prompts = [_prompt(70, seed=s) for s in (1, 2, 3)]
     tables = [list(range(0, 5)), list(range(5, 10)), list(range(10, 15))]
 

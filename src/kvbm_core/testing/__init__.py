@@ -28,7 +28,7 @@ from kvbm_core.testing.errors import ContractViolation, ExecutorStopped, OracleM
 from kvbm_core.testing.executor import ExecutorConfig, ReferenceExecutor
 from kvbm_core.testing.kv_manager import KvCacheManager
 from kvbm_core.testing.llm_args import Mapping, TorchLlmArgs
-from kvbm_core.testing.model import Piece, ReferenceModel, greedy_decode
+from kvbm_core.testing.model import MODEL_MODES, Piece, ReferenceModel, greedy_decode
 from kvbm_core.testing.pool import KvPools, PoolGeometry
 from kvbm_core.testing.request import (
     KvCacheRetentionConfig,
@@ -42,6 +42,7 @@ from kvbm_core.testing.results import RequestResult, RunCounters, RunResult, Ste
 from kvbm_core.testing.shapes import PRESETS, ModelShape
 
 __all__ = [
+    "MODEL_MODES",
     "PRESETS",
     "CallCounts",
     "ContractViolation",

@@ -115,7 +115,7 @@ class ExecutorConfig:
     strict: bool = False  # also check what TRT-LLM does not (ContractViolation naming the method)
     oracle: bool = False  # compare reused/onboarded KV with recomputation, layer by layer
     oracle_tolerance: float = 0.0  # 0: bit-exact
-    invariant: bool | None = None  # see ReferenceModel; None: on for CPU
+    model_mode: str | None = None  # see ReferenceModel (exact, batch_invariant, fast); None: its default
     free_gpu_memory_fraction: float = 0.9  # reported in llm_args only
     idle_timeout_s: float = 60.0  # the harness's bound: no progress for this long with a request parked
 
@@ -154,7 +154,7 @@ class ReferenceExecutor:
         shape = resolve_shape(cfg.model)
         if model is None:
             model = ReferenceModel(
-                shape, seed=cfg.seed, device=cfg.device, max_seq_len=cfg.max_seq_len, invariant=cfg.invariant
+                shape, seed=cfg.seed, device=cfg.device, max_seq_len=cfg.max_seq_len, mode=cfg.model_mode
             )
         elif model.shape != shape or model.device != torch.device(cfg.device) or model.max_seq_len < cfg.max_seq_len:
             raise ConfigError(

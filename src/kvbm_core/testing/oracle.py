@@ -4,8 +4,9 @@ When a request's first chunk starts after a prefix it did not compute (device re
 load, or both), the oracle recomputes that prefix with no reuse at all in a scratch pool. Just
 before each decoder layer runs (after the connector's ``wait_for_layer_load``), the executor asks it
 to compare that layer's K and V of the prefix, read from every rank's pool, with the recomputation.
-With ``tolerance == 0`` the comparison is bit-exact, which the invariant model guarantees on CPU;
-on GPU pass a small tolerance, since recomputation there may round differently.
+With ``tolerance == 0`` the comparison is bit-exact, which the model's ``exact`` and
+``batch_invariant`` modes guarantee; with its ``fast`` mode pass a small tolerance, since
+recomputation there may round differently.
 """
 
 from __future__ import annotations

@@ -87,15 +87,15 @@ class KvPools:
 
         With ``padded_length``, ``L`` is that many positions and everything past ``length`` is zero.
         """
-        tpb = self.geometry.tokens_per_block
+        g = self.geometry
+        tpb, h = g.tokens_per_block, g.heads_per_rank
         nblocks = -(-length // tpb)
         ids = block_table[:nblocks]
-        parts = [view[ids, layer] for view in self._views]  # [nb, 2, h, tpb, d] each
-        kv = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        heads, d = self.geometry.num_kv_heads, self.geometry.head_dim
-        kv = kv.permute(1, 2, 0, 3, 4).reshape(2, heads, nblocks * tpb, d)
-        if padded_length is None:
-            return kv[0, :, :length], kv[1, :, :length]
-        out = torch.zeros((2, heads, padded_length, d), dtype=kv.dtype, device=kv.device)
-        out[:, :, :length] = kv[:, :, :length]
-        return out[0], out[1]
+        size = length if padded_length is None else padded_length
+        out = torch.empty((2, g.num_kv_heads, max(size, nblocks * tpb), g.head_dim), dtype=g.dtype, device=self.device)
+        blocks = out[:, :, : nblocks * tpb].view(2, g.num_kv_heads, nblocks, tpb, g.head_dim)
+        for rank, view in enumerate(self._views):  # one gather per rank, then one copy into place
+            blocks[:, rank * h : (rank + 1) * h].copy_(view[ids, layer].permute(1, 2, 0, 3, 4))
+        if padded_length is not None:
+            out[:, :, length:].zero_()
+        return out[0, :, :size], out[1, :, :size]
