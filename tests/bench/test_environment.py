@@ -98,6 +98,7 @@ def test_the_collector_totals_transfers_and_hits_from_event_hooks():
         ({"device": "tpu"}, "--device"),
         ({"tokens_per_block": 24}, "--tokens-per-block"),
         ({"users": 0}, "--users"),
+        ({"model_mode": "approximate"}, "--model-mode"),
     ],
 )
 def test_bench_knobs_are_checked_before_anything_runs(overrides, flag):
@@ -112,6 +113,7 @@ def test_presets_fill_every_knob_and_flags_override_them():
     executor = embedded.executor_config()
     assert executor.max_seq_len == embedded.workload().max_sequence_tokens
     assert executor.max_num_tokens >= embedded.workload().max_prompt_tokens
+    assert build_config("embedded", {"model_mode": "batch_invariant"}).executor_config().model_mode == "batch_invariant"
     long_input = build_config("long-input", {})
     assert (long_input.users, long_input.system_tokens, long_input.history_tokens, long_input.answer_tokens) == (
         15, 1000, 20000, 100)

@@ -51,13 +51,14 @@ class BenchConfig:
     max_num_tokens: int | None = None  # None: the longest prompt, at least 8192
     chunked_prefill: bool = False
     threads: int | None = None  # CPU: torch threads (None: 1); GPU: left to torch
+    model_mode: str | None = None  # the reference model's arithmetic; None: exact on CPU, fast on CUDA
     warmup: bool = True
     profile: str | None = None  # --profile; None: DYN_KVBM_PROFILE, else the preset's profile
     preset_profile: str = "cpu"
     preset_variables: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from kvbm_core.testing import PRESETS as MODEL_PRESETS  # the model code only when a bench is built
+        from kvbm_core.testing import MODEL_MODES, PRESETS as MODEL_PRESETS  # model code only when a bench is built
 
         if self.model not in MODEL_PRESETS:
             raise ConfigError("--model", f"unknown reference model {self.model!r}", MODEL_PRESETS)
@@ -68,6 +69,8 @@ class BenchConfig:
             raise ConfigError("--tokens-per-block", f"must be a power of two, got {tpb}")
         if self.max_batch_size < 1:
             raise ConfigError("--max-batch-size", f"must be >= 1, got {self.max_batch_size}")
+        if self.model_mode is not None and self.model_mode not in MODEL_MODES:
+            raise ConfigError("--model-mode", f"got {self.model_mode!r}", MODEL_MODES)
         if self.threads is not None and self.threads < 1:
             raise ConfigError("--threads", f"must be >= 1, got {self.threads}")
         workload = self.workload()  # validates the workload flags
@@ -119,6 +122,7 @@ class BenchConfig:
             max_num_tokens=max_num_tokens,
             max_seq_len=workload.max_sequence_tokens,
             enable_chunked_prefill=self.chunked_prefill,
+            model_mode=self.model_mode,
         )
 
     def as_dict(self) -> dict[str, Any]:

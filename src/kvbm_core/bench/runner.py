@@ -95,7 +95,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> BenchResult:
         torch.set_num_threads(config.threads)
     try:
         model = ReferenceModel(config.model, seed=config.seed, device=config.device,
-                               max_seq_len=executor_config.max_seq_len)
+                               max_seq_len=executor_config.max_seq_len, mode=config.model_mode)
         baseline = _measure("baseline", config, executor_config, model, None, progress)
         _release_memory(config.device)  # the baseline's pool
         registry = default_registry()

@@ -35,6 +35,8 @@ _KNOBS = (
     ("--ramp-up-s", float, "users join evenly over this many seconds (default: one per-user gap)"),
     ("--seed", int, "seed of the token ids and the model weights"),
     ("--threads", int, "torch CPU threads (default on CPU: 1, fastest for the tiny model)"),
+    ("--model-mode", str, "reference model arithmetic: exact, batch_invariant, fast (default: exact on CPU, "
+     "fast on CUDA)"),
 )
 
 
