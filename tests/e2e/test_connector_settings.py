@@ -105,3 +105,44 @@ def test_dynamo_names_work_by_changing_only_the_module(tmp_path, monkeypatch):
         assert executor.scheduler.stats.offload_blocks_d2h > 0
     finally:
         close_connector(executor)
+
+
+def test_an_aborted_request_lets_go_of_its_promised_host_blocks(kvbm_run):
+    """Connector-manager variants with aborts: the promise made in the lookup is released at once."""
+    from kvbm_core.leader.slot_state import SlotState
+
+    specs = conversations(users=2, turns=2)
+    result = kvbm_run(specs, [{"kind": "cpu", "num_blocks": 64}])
+    leader = result.executor.scheduler
+
+    class Request:
+        request_id = 10_000
+        is_generation_only_request = False
+
+        def get_tokens(self, beam: int) -> list[int]:
+            return list(specs[0].prompt)
+
+    manager = leader._block_manager()
+    matched, load_async = leader.get_num_new_matched_tokens(Request(), 0)
+    assert matched > 0 and load_async is False
+    assert manager.host.count(SlotState.HELD) > 0
+    assert leader.abort_request(Request.request_id, "cancelled") is True
+    assert manager.host.count(SlotState.HELD) == 0 and manager.num_requests == 0
+    manager.verify()
+    assert leader.finish_load(Request.request_id) is True
+    worker = result.executor.workers[0]
+    assert worker.take_failed_load_request_ids() == set() and worker.abort_request(Request.request_id) is True
+
+
+def test_blocks_are_held_only_where_the_engine_writes_them_outside_the_forward_pass():
+    """Partial-reuse copies and a disaggregated server's incoming KV write freed blocks before
+    start_load_kv could order them after kvbm's stores: only then are finished requests held."""
+    from types import SimpleNamespace
+
+    from kvbm_core.trtllm.connector import _pins_finished_requests
+
+    assert not _pins_finished_requests(llm_args())
+    assert _pins_finished_requests(llm_args(enable_partial_reuse=True))
+    assert not _pins_finished_requests(llm_args(enable_partial_reuse=True, copy_on_partial_reuse=False))
+    disaggregated = replace(llm_args(), cache_transceiver_config=SimpleNamespace(backend="UCX"))
+    assert _pins_finished_requests(disaggregated)

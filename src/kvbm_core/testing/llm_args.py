@@ -9,6 +9,8 @@ rank would after deserialising its arguments (:func:`rank_view`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -89,6 +91,7 @@ class TorchLlmArgs:
     pipeline_parallel_size: int = 1
     max_beam_width: int = 1
     backend: str = "pytorch"
+    cache_transceiver_config: Any = None  # disaggregated serving: an object with ``backend`` (UCX, NIXL, ...)
 
 
 def rank_view(llm_args: TorchLlmArgs, rank: int) -> TorchLlmArgs:

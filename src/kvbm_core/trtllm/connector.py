@@ -129,9 +129,14 @@ def _model_id(llm_args: Any) -> str:
 
 
 def _pins_finished_requests(llm_args: Any) -> bool:
-    """Whether the engine may write a freed block before ``start_load_kv`` (a partial-reuse copy)."""
+    """Whether the engine may write a freed block outside the forward pass, before ``start_load_kv``
+    can order that write after kvbm's stores: a partial-reuse copy, or KV arriving from a context
+    server (disaggregated serving's cache transceiver). Only then does kvbm hold finished requests'
+    blocks, while their stores run."""
     kv = llm_args.kv_cache_config
-    return bool(getattr(kv, "enable_partial_reuse", False) and getattr(kv, "copy_on_partial_reuse", True))
+    partial_copy = getattr(kv, "enable_partial_reuse", False) and getattr(kv, "copy_on_partial_reuse", True)
+    transceiver = getattr(llm_args, "cache_transceiver_config", None)
+    return bool(partial_copy or getattr(transceiver, "backend", None))
 
 
 def _is_generation_only(request: Any) -> bool:
@@ -250,6 +255,10 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         self._manager.apply_results(self._channel.drain())
         return self._manager
 
+    def wait_for_initialization(self) -> None:
+        """TensorRT-LLM 1.3+: return once every rank registered its KV pool (or time out naming the setting)."""
+        self._block_manager()
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         request_id = int(request.request_id)
         if _is_generation_only(request) or getattr(request, "multimodal_positions", None):
@@ -289,6 +298,20 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
             return False
         in_flight = self._block_manager().finish(request_id)
         return self._pin_finished and in_flight
+
+    def abort_request(self, request_id: int, reason: str = "") -> bool:
+        """Connector-manager variants with aborts: forget the request as if it finished. True: nothing
+        of it is left that holds a device block (stores in flight are ordered before any reuse)."""
+        request_id = int(request_id)
+        self._bypass.discard(request_id)
+        if self._manager is not None:
+            self._block_manager().finish(request_id)
+        log.info("request aborted by the engine", request_id=request_id, reason=reason)
+        return True
+
+    def finish_load(self, request_id: int) -> bool:
+        """Variants that confirm a finished load: kvbm's loads finish inside the forward pass, so always True."""
+        return True
 
     # -- shutdown ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -494,6 +517,17 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         pending = self._engine.pending if self._engine is not None else (lambda request_id: False)
         done_saving = [self._saving.popleft()] if self._saving and not pending(self._saving[0]) else []
         return done_saving, list(started_loading_req_ids)
+
+    def take_failed_load_request_ids(self) -> set[int]:
+        """Connector-manager variants that fail loads per request: always empty. kvbm promises only
+        blocks whose bytes are already verified in host memory, and its loads finish inside the
+        forward pass; a host-to-device copy that fails there is a CUDA error, raised."""
+        return set()
+
+    def abort_request(self, request_id: int) -> bool:
+        """Variants with aborts: a rank holds nothing per request (stores in flight finish on their own
+        and the engine's next writes to their blocks wait for them), so True: cleaned."""
+        return True
 
     def collect_results(self) -> None:
         """This rank's finished operations go to the leader (through memory, or the link)."""
