@@ -14,8 +14,8 @@ fingerprint covers what the engine loads:
   fine-tune leaves unchanged) or **full** (every byte; seconds per GB of checkpoint).
 
 Modification times are left out on purpose: a copy of the same checkpoint should match. When the
-weights cannot be found, the fingerprint is a random value for this process: blocks written by an
-earlier process are then never served (restart reuse is lost, never correctness).
+weights cannot be found, the fingerprint is bound to this process (:data:`PROCESS_NONCE`): blocks
+written by an earlier process are then never served (restart reuse is lost, never correctness).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Literal
 
 import xxhash
+
+from kvbm_core.identity import PROCESS_NONCE
 
 FingerprintMode = Literal["sampled", "full"]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -53,8 +55,9 @@ def fingerprint_weights(model: str, mode: FingerprintMode = "sampled", revision:
     began = time.perf_counter()
     root = resolve_weights(model, revision)
     if root is None:
-        return Fingerprint(os.urandom(16).hex(), f"{model!r} not found on this machine", 0, 0,
-                           time.perf_counter() - began, persistent=False)
+        digest = xxhash.xxh3_128_hexdigest(f"{PROCESS_NONCE}\0{model}\0{revision}".encode())
+        return Fingerprint(digest, f"{model!r} not found on this machine", 0, 0, time.perf_counter() - began,
+                           persistent=False)
     digest = xxhash.xxh3_128()
     files = bytes_read = 0
     for path in _weight_files(root):
@@ -63,6 +66,8 @@ def fingerprint_weights(model: str, mode: FingerprintMode = "sampled", revision:
         digest.update(f"{relative}\0{size}\0".encode())
         bytes_read += _hash_content(path, size, mode, digest)
         files += 1
+    if files == 0:  # a path without weight files: nothing to vouch for across processes
+        digest.update(PROCESS_NONCE.encode())
     return Fingerprint(digest.hexdigest(), str(root), files, bytes_read, time.perf_counter() - began,
                        persistent=files > 0)
 

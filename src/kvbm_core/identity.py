@@ -39,6 +39,7 @@ a prompt is hashed once and later steps only hash the blocks that became full.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from array import array
@@ -53,7 +54,12 @@ import xxhash
 from kvbm_core.layout import BlockLayout
 
 KEY_FORMAT = b"kvbm-block-key/1\x00"
-NAMESPACE_FORMAT = "kvbm-namespace/1"
+NAMESPACE_FORMAT = "kvbm-namespace/2"  # 2: the weights fingerprint joined the namespace
+
+PROCESS_NONCE = os.urandom(16).hex()
+"""Unique to this process: what only this process can vouch for (a LoRA task id, weights that could
+not be found) is bound to it, so another process never matches such blocks (a restart loses their
+reuse, never their correctness)."""
 
 _SMALL = 4  # up to this many blocks are sliced one by one (decode); more go through one numpy view
 
@@ -98,6 +104,9 @@ class Namespace:
 
     ``world_size``/``tp_size`` and ``rank_layout`` (``tp``: each rank holds its share of the KV
     heads of every block) matter because each rank stores its own shard under the same key.
+    ``weights`` is the fingerprint of the weights served (:mod:`kvbm_core.fingerprint`): the same
+    model id with other weights (a fine-tune saved to the same path, a new revision) is another
+    namespace.
     """
 
     model_id: str
@@ -109,12 +118,14 @@ class Namespace:
     world_size: int
     tp_size: int
     rank_layout: str = "tp"
+    weights: str = ""
 
     @classmethod
     def from_layout(cls, layout: BlockLayout, model_id: str, world_size: int, tp_size: int | None = None,
-                    rank_layout: str = "tp") -> "Namespace":
+                    rank_layout: str = "tp", weights: str = "") -> "Namespace":
         return cls(model_id, layout.dtype, layout.num_layers, layout.kv_factor, layout.elems_per_block,
-                   layout.tokens_per_block, world_size, world_size if tp_size is None else tp_size, rank_layout)
+                   layout.tokens_per_block, world_size, world_size if tp_size is None else tp_size, rank_layout,
+                   weights)
 
     @cached_property
     def digest(self) -> bytes:
@@ -134,7 +145,9 @@ class RequestScope:
     TensorRT-LLM gives a cache salt either as the string (1.3's Python request) or only as the
     runtime's integer id derived from it (1.2, and every binding): both are kept apart, so a salt is
     never matched across the two forms (a missed hit at worst, never a shared block). A LoRA adapter
-    (``lora_task_id``) changes every layer's KV. The empty scope is a request with neither.
+    (``lora_task_id``) changes every layer's KV; a task id names an adapter only inside one engine
+    process (the client picks it), so LoRA keys also carry :data:`PROCESS_NONCE`. The empty scope is
+    a request with neither.
     """
 
     cache_salt: str | None = None
@@ -147,6 +160,8 @@ class RequestScope:
             return b"\x00"
         fields = {k: v for k, v in (("salt", self.cache_salt), ("salt_id", self.cache_salt_id),
                                     ("lora", self.lora_task_id)) if v is not None}
+        if self.lora_task_id is not None:
+            fields["process"] = PROCESS_NONCE
         return b"\x02" + json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
     @property

@@ -1,8 +1,9 @@
 """One engine process for the restart tests: serve turn T of the standard conversations with kvbm
 (disk-only profile in DIR) and without, and print a JSON line with what happened.
 
-Run as ``python restart_run.py DIR TURN``. The process exits, as a restarted server would, so the
-next run finds only what the disk tier left in DIR.
+Run as ``python restart_run.py DIR TURN [SEED]``. The process exits, as a restarted server would, so
+the next run finds only what the disk tier left in DIR. The model's weights (seeded by SEED, default
+0) are written to DIR/weights and served from that path, as a checkpoint directory would be.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from conftest import CONNECTOR, close_connector, conversations, executor_config 
 from kvbm_core.testing import ReferenceExecutor, RequestSpec  # noqa: E402
 
 
-def main(directory: str, turn: int) -> None:
+def main(directory: str, turn: int, seed: int = 0) -> None:
     torch.set_num_threads(1)
     profile = Path(directory) / "profile.yaml"
     profile.write_text(yaml.safe_dump({"tiers": [{"kind": "disk", "num_blocks": 256}], "cost_model": {"enabled": False}}))
@@ -32,7 +33,7 @@ def main(directory: str, turn: int) -> None:
     # A newcomer that shares nothing with the stored conversations, served alongside them.
     newcomer = np.random.default_rng(1000 + turn).integers(1, 250, 120).tolist()
     specs.append(RequestSpec(newcomer, 6, arrival_step=1))
-    config = executor_config()
+    config = executor_config(weights_dir=str(Path(directory) / "weights"), seed=seed)
     baseline = ReferenceExecutor(config)
     expected = baseline.run(specs).tokens()
     executor = ReferenceExecutor(config, connector=CONNECTOR, model=baseline.model)
@@ -56,4 +57,4 @@ def main(directory: str, turn: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], *map(int, sys.argv[2:]))

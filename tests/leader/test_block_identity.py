@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from kvbm_core.identity import (
     KEY_FORMAT,
+    PROCESS_NONCE,
     DynamoSequenceChain,
     Namespace,
     PrefixHasher,
@@ -36,6 +37,8 @@ def reference_keys(namespace: Namespace, tokens: list[int], scope: RequestScope)
     """The documented chain, one block at a time."""
     fields = {k: v for k, v in (("salt", scope.cache_salt), ("salt_id", scope.cache_salt_id),
                                 ("lora", scope.lora_task_id)) if v is not None}
+    if scope.lora_task_id is not None:
+        fields["process"] = PROCESS_NONCE
     tag = b"\x00" if not fields else b"\x02" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     key = xxhash.xxh3_128_digest(KEY_FORMAT + namespace.digest + tag)
     tpb = namespace.tokens_per_block
@@ -66,14 +69,15 @@ def test_every_part_of_the_scope_separates_keys():
 def test_key_format_is_stable_across_releases():
     # Disk tiers keep blocks across restarts: a change here orphans every stored block. Update the
     # expected values only together with KEY_FORMAT / NAMESPACE_FORMAT.
-    ns = Namespace.from_layout(BlockLayout(2, 2, 64, "float16", 4), "m", world_size=1)
+    ns = Namespace.from_layout(BlockLayout(2, 2, 64, "float16", 4), "m", world_size=1,
+                               weights="0123456789abcdef0123456789abcdef")
     keys = block_keys(ns, list(range(12)))
     assert ns.digest.hex() == GOLDEN_NAMESPACE
     assert [f"{a:016x}{b:016x}" for a, b in keys.tolist()] == GOLDEN_KEYS
 
 
-GOLDEN_NAMESPACE = "28936c8bac44f8c45a56227efa02285f"
-GOLDEN_KEYS = ["51761bb23a76f3ebf86a78556c13b0e8", "ce69ce19588d32cb2f831de0cc319aac", "95a412fa6f8901a4fd1cfd9c62bd2c32"]
+GOLDEN_NAMESPACE = "4d1458ba9ba373d178c34f52e3ef1b80"
+GOLDEN_KEYS = ["370b3d6b1a5cd3b23ddc958812ee20d9", "194f3a820943cd0622efd905a8db8f6b", "ee23597fa77a7b7d7ab6b671fc09989f"]
 
 
 def test_a_key_covers_the_whole_prefix():
@@ -202,3 +206,28 @@ def test_hashes_are_the_same_in_a_fresh_process_with_another_hash_seed():
         env = {**os.environ, "PYTHONHASHSEED": seed}
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
         assert json.loads(out.stdout) == here, seed
+
+
+def test_lora_keys_and_unfound_weights_are_bound_to_the_process():
+    """A LoRA task id names an adapter only inside one process, and weights not on this machine
+    cannot be vouched for: such keys never match in another process (a restarted engine)."""
+    script = textwrap.dedent(
+        """
+        import json
+        from kvbm_core.fingerprint import fingerprint_weights
+        from kvbm_core.identity import Namespace, RequestScope, block_keys
+        from kvbm_core.layout import BlockLayout
+        ns = Namespace.from_layout(BlockLayout(4, 2, 256, "bfloat16", 4), "org/model", world_size=2)
+        tokens = list(range(16))
+        print(json.dumps({"plain": block_keys(ns, tokens).tolist(),
+                          "lora": block_keys(ns, tokens, RequestScope(lora_task_id=3)).tolist(),
+                          "missing": fingerprint_weights("no-such-org/no-such-model").digest}))
+        """
+    )
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                      check=True).stdout) for _ in range(2)]
+    assert runs[0]["plain"] == runs[1]["plain"] == block_keys(NS, list(range(16))).tolist()
+    assert runs[0]["lora"] != runs[1]["lora"]
+    assert runs[0]["missing"] != runs[1]["missing"]
+    lora = RequestScope(lora_task_id=3)
+    assert block_keys(NS, list(range(16)), lora).tolist() == block_keys(NS, list(range(16)), lora).tolist()

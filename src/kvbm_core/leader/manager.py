@@ -146,7 +146,7 @@ class BlockManager:
     """The leader's block bookkeeping for one engine instance (see the module docstring)."""
 
     def __init__(self, settings: KvbmSettings, layout: BlockLayout, *, world_size: int, model_id: str,
-                 registry: Registry, clock: Callable[[], float] = time.monotonic,
+                 registry: Registry, weights: str = "", clock: Callable[[], float] = time.monotonic,
                  link: LinkAddress | None = None, stager: Stager | None = None) -> None:
         self.settings = settings
         self.layout = layout
@@ -155,7 +155,7 @@ class BlockManager:
         self.registry = registry
         self.clock = clock
         self.tokens_per_block = layout.tokens_per_block
-        self.namespace = Namespace.from_layout(layout, model_id, world_size)
+        self.namespace = Namespace.from_layout(layout, model_id, world_size, weights=weights)
         tiers = build_tiers(settings, layout, world_size, registry, clock)
         self.host: TierState | None = tiers.host
         self.disk: TierState | None = tiers.disk

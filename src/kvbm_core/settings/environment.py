@@ -59,6 +59,7 @@ class SeedEnvironment(BaseSettings):
     disk_disable_o_direct: bool | None = None
     disable_disk_offload_filter: bool | None = None
     leader_worker_init_timeout_secs: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    weights_fingerprint: Literal["sampled", "full"] | None = None
     metrics: bool | None = None
     metrics_host: str | None = None
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -68,7 +69,7 @@ class SeedEnvironment(BaseSettings):
     log_format: Literal["console", "json"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] | None = None
 
-    @field_validator("log_format", "log_level", mode="before")
+    @field_validator("log_format", "log_level", "weights_fingerprint", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

@@ -136,6 +136,7 @@ class KvbmSettings(_Strict):
     disk_offload_filter: FilterSpec = Field(default_factory=FilterSpec)
     host_offload_prefix_min_priority: int = Field(default=0, ge=0, le=100)
     leader_worker_init_timeout_secs: float = Field(default=1800.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    weights_fingerprint: Literal["sampled", "full"] = "sampled"  # how the weights join block identity
     disk: DiskSettings = Field(default_factory=DiskSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     cost_model: CostModelSettings = Field(default_factory=CostModelSettings)

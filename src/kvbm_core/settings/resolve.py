@@ -59,6 +59,7 @@ SCALAR_OVERLAYS: Mapping[str, tuple[str | None, str]] = {
     "disk_zerofill_fallback": ("disk", "zerofill_fallback"),
     "disk_disable_o_direct": ("disk", "disable_o_direct"),
     "leader_worker_init_timeout_secs": (None, "leader_worker_init_timeout_secs"),
+    "weights_fingerprint": (None, "weights_fingerprint"),
     "metrics": ("metrics", "enabled"),
     "metrics_host": ("metrics", "host"),
     "metrics_port": ("metrics", "port"),

@@ -118,6 +118,7 @@ class ExecutorConfig:
     model_mode: str | None = None  # see ReferenceModel (exact, batch_invariant, fast); None: its default
     free_gpu_memory_fraction: float = 0.9  # reported in llm_args only
     idle_timeout_s: float = 60.0  # the harness's bound: no progress for this long with a request parked
+    weights_dir: str | None = None  # write the model's weights here and serve it as llm_args.model (a path)
 
     def __post_init__(self) -> None:
         tpb = self.tokens_per_block
@@ -192,8 +193,10 @@ class ReferenceExecutor:
             conn_cfg = KvCacheConnectorConfig(
                 connector[0].__module__, connector[0].__qualname__, connector[1].__qualname__
             )
+        if cfg.weights_dir is not None:
+            self.model.save_weights(cfg.weights_dir)
         return TorchLlmArgs(
-            model=f"kvbm-reference/{shape.name}",
+            model=cfg.weights_dir or f"kvbm-reference/{shape.name}",
             tensor_parallel_size=cfg.tp_size,
             parallel_config=ParallelConfig(tp_size=cfg.tp_size, rank=0),
             kv_cache_config=KvCacheConfig(

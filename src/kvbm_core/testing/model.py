@@ -35,8 +35,10 @@ Three modes (``mode=``; ``None`` picks ``exact`` on CPU and ``fast`` on CUDA):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +224,18 @@ class ReferenceModel:
             self.mode
         ]
         self._key_length = -(-max_seq_len // _KEY_PADDING) * _KEY_PADDING
+
+    def save_weights(self, directory: str | Path) -> None:
+        """Write the weights as a checkpoint directory (``config.json``, ``model.bin``: every tensor's
+        bytes in a fixed order), so that an engine serving this model has weights on disk to fingerprint."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = [self.embed, *(t for layer in self.layers for t in vars(layer).values() if t is not None),
+                   self.final_norm, self.lm_head]
+        with open(path / "model.bin", "wb") as f:
+            for t in tensors:
+                f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        (path / "config.json").write_text(json.dumps({"shape": self.shape.name, "mode": self.mode}))
 
     def pool_geometry(self, num_blocks: int, tokens_per_block: int, tp_size: int = 1) -> PoolGeometry:
         s = self.shape

@@ -66,6 +66,7 @@ import torch
 
 from kvbm_core.channel import TierAllocation, WorkerConfig, channel_for, release_channel
 from kvbm_core.errors import ConfigError, KvbmLoadError
+from kvbm_core.fingerprint import Fingerprint, fingerprint_weights
 from kvbm_core.identity import RequestScope
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
@@ -128,6 +129,15 @@ def _model_id(llm_args: Any) -> str:
     return str(getattr(llm_args, "model", "") or "")
 
 
+def _log_fingerprint(fingerprint: Fingerprint, mode: str) -> None:
+    if fingerprint.persistent:
+        log.info("model weights fingerprinted", source=fingerprint.source, mode=mode, files=fingerprint.files,
+                 mb_read=round(fingerprint.bytes_read / 1e6, 1), seconds=round(fingerprint.seconds, 3))
+    else:
+        log.warning("model weights not found: stored blocks are served only to this process "
+                    "(no reuse across restarts or engines)", detail=fingerprint.source)
+
+
 def _pins_finished_requests(llm_args: Any) -> bool:
     """Whether the engine may write a freed block outside the forward pass, before ``start_load_kv``
     can order that write after kvbm's stores: a partial-reuse copy, or KV arriving from a context
@@ -177,6 +187,9 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                 "no kvbm tier is configured",
                 ["DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_PROFILE"],
             )
+        self._weights = fingerprint_weights(_model_id(llm_args), settings.weights_fingerprint,
+                                            getattr(llm_args, "revision", None))
+        _log_fingerprint(self._weights, settings.weights_fingerprint)
         self._tokens_per_block = _tokens_per_block(llm_args)
         self._world_size = _world_size(llm_args)
         self._manager: Any = None
@@ -208,6 +221,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                 layout,
                 world_size=self._world_size,
                 model_id=_model_id(self._llm_args),
+                weights=self._weights.digest,
                 registry=self._registry,
                 link=self._link.address if self._link is not None else None,
                 stager=_RankStager(self._channel, self._link, self._world_size),
