@@ -9,6 +9,9 @@ throwaway plugin distributions.
 - ``run_kvbm``: runs the installed ``kvbm`` console script in a subprocess with a clean
   ``DYN_KVBM_*`` environment plus the variables a test passes.
 - ``log_capture``: kvbm's logging configured into a buffer for one test.
+- ``mount``: mounts a real filesystem (a size-limited or read-only tmpfs, a ramfs, a loop-mounted
+  ext4) under the test's temporary directory and unmounts it afterwards. Mounting needs root with
+  CAP_SYS_ADMIN (the CI machine has it); elsewhere those tests are skipped, saying why.
 - ``fake_distribution``: writes a plugin module and a ``*.dist-info`` (METADATA + entry_points.txt)
   into a directory; put it on ``PYTHONPATH`` and ``importlib.metadata`` sees an installed
   distribution, exactly as after ``pip install`` (without building a wheel or a venv).
@@ -275,3 +278,29 @@ def fake_distribution(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    mounted: list[Path] = []
+
+    def _mount(fstype: str, options: str = "", image_mb: int = 0, mkfs: list[str] | None = None) -> Path:
+        target = tmp_path / f"mnt-{fstype}-{len(mounted)}"
+        target.mkdir()
+        source = fstype
+        if image_mb:
+            image = tmp_path / f"{target.name}.img"
+            with open(image, "wb") as f:
+                f.truncate(image_mb << 20)
+            subprocess.run([*(mkfs or []), str(image)], check=True, capture_output=True)
+            source, options = str(image), ",".join(filter(None, [options, "loop"]))
+        cmd = ["mount", "-t", fstype] + (["-o", options] if options else []) + [source, str(target)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount {fstype} here ({proc.stderr.strip() or 'not permitted'}): needs root")
+        mounted.append(target)
+        return target
+
+    yield _mount
+    for target in reversed(mounted):
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)

@@ -24,6 +24,8 @@ from kvbm_core.metrics import (  # noqa: F401  (hook implementations of the expo
     kvbm_pipeline_closed,
     kvbm_request_finished,
     kvbm_request_matched,
+    kvbm_tier_recovered,
+    kvbm_tier_service_changed,
     kvbm_transfer_failed,
 )
 from kvbm_core.transports import EtcdTransport, NatsTransport

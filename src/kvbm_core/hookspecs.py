@@ -12,14 +12,14 @@ Two families:
   both distributions. :data:`kvbm_core.plugin_kinds.PLUGIN_KINDS` binds each type hook to its kind,
   base class, profile key and the checks its classes must pass when the plugin registers.
 - **Event hooks** (``kvbm_pipeline_*``, ``kvbm_blocks_*``, ``kvbm_transfer_failed``,
-  ``kvbm_request_*``) are called by core when something happened. Their return value is ignored.
-  They run on the leader's scheduling path: keep them cheap, and never raise (an exception is
-  logged with the plugin's name and swallowed, and the other subscribers still run).
+  ``kvbm_request_*``, ``kvbm_tier_*``) are called by core when something happened. Their return
+  value is ignored. They run on the leader's scheduling path: keep them cheap, and never raise (an
+  exception is logged with the plugin's name and swallowed, and the other subscribers still run).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -115,3 +115,15 @@ def kvbm_request_finished(request_id: int, queried_blocks: int, host_hit_blocks:
 @hookspec
 def kvbm_transfer_failed(route: str, op_id: int, request_id: int, error: str) -> None:
     """An operation failed. It is never counted as done; the leader recomputes or fails the request."""
+
+
+@hookspec
+def kvbm_tier_service_changed(tier: str, in_service: bool, error: str) -> None:
+    """A tier's device failed repeatedly and the tier was taken out of service (``in_service`` False,
+    ``error`` the last failure), or it came back after a successful trial (see ``leader.breaker``)."""
+
+
+@hookspec
+def kvbm_tier_recovered(tier: str, recovered: int, discarded: Mapping[str, int]) -> None:
+    """At start, rank 0's file-backed tier found ``recovered`` records of an earlier process intact and
+    discarded others, counted by reason (``RecoveryReport.discarded``)."""

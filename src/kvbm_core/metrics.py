@@ -103,6 +103,11 @@ class KvbmMetrics:
         )
         self.tier_blocks = Gauge("kvbm_tier_blocks", "Blocks readable in the tier", ["tier"], registry=r)
         self.tier_capacity = Gauge("kvbm_tier_capacity_blocks", "Slots of the tier per rank", ["tier"], registry=r)
+        self.tier_in_service = Gauge("kvbm_tier_in_service", "1 while the tier is used, 0 while its device failed",
+                                     ["tier"], registry=r)
+        self.recovery_discarded = Gauge("kvbm_tier_recovery_discarded_blocks",
+                                        "Records of an earlier process discarded at start (rank 0), by reason",
+                                        ["tier", "reason"], registry=r)
         for level in LEVELS.values():
             self.matched_tokens.labels(level)
         for route in ROUTES:
@@ -110,6 +115,7 @@ class KvbmMetrics:
         for tier, slots in (tier_slots or {}).items():
             self.tier_capacity.labels(tier).set(slots)
             self.tier_blocks.labels(tier).set(0)
+            self.tier_in_service.labels(tier).set(1)
         r.register(CompatibilityCollector(self))
 
     # --------------------------------------------------------------------------- event updates
@@ -145,6 +151,13 @@ class KvbmMetrics:
 
     def removed(self, tier: str, count: int) -> None:
         self.tier_blocks.labels(tier).dec(count)
+
+    def service_changed(self, tier: str, in_service: bool) -> None:
+        self.tier_in_service.labels(tier).set(1 if in_service else 0)
+
+    def recovered(self, tier: str, discarded: Mapping[str, int]) -> None:
+        for reason, count in discarded.items():
+            self.recovery_discarded.labels(tier, reason).set(count)
 
     def compatibility_values(self) -> dict[str, float]:
         """The seed guide's names -> their values now (the block counts by route, matched tokens, hit rates)."""
@@ -316,3 +329,15 @@ def kvbm_blocks_stored(tier: str, route: str, keys: np.ndarray, seq_hashes: np.n
 def kvbm_blocks_removed(tier: str, keys: np.ndarray, seq_hashes: np.ndarray) -> None:
     if _active is not None:
         _active.metrics.removed(tier, len(keys))
+
+
+@hookimpl
+def kvbm_tier_service_changed(tier: str, in_service: bool, error: str) -> None:
+    if _active is not None:
+        _active.metrics.service_changed(tier, in_service)
+
+
+@hookimpl
+def kvbm_tier_recovered(tier: str, recovered: int, discarded: Mapping[str, int]) -> None:
+    if _active is not None:
+        _active.metrics.recovered(tier, discarded)

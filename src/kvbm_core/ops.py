@@ -44,6 +44,7 @@ class Route(IntEnum):
 
 
 LOADS = frozenset({Route.H2D})
+DISK_ROUTES = frozenset({Route.H2DISK, Route.DISK2H, Route.D2DISK})  # what a failing disk device fails
 STORES = frozenset({Route.D2H, Route.D2DISK})
 BACKGROUND = frozenset({Route.H2DISK})
 STAGING = frozenset({Route.DISK2H})
@@ -155,3 +156,4 @@ class OpResult:
     seconds: float = 0.0
     error: str = ""
     failed_blocks: tuple[int, ...] = ()
+    device_failed: bool = False  # the tier's device or filesystem failed (not one block): see leader.breaker

@@ -104,6 +104,7 @@ def test_every_series_exists_from_the_start_at_zero(exported):
             assert initial[(name, (("route", route),))] == 0, (name, route)
     assert initial[("kvbm_matched_tokens_by_level_total", (("level", "disk"),))] == 0
     assert initial[("kvbm_tier_blocks", (("tier", "disk"),))] == 0
+    assert initial[("kvbm_tier_in_service", (("tier", "disk"),))] == 1
 
 
 def test_counts_are_counters_and_the_compatibility_names_are_gauges(exported):
@@ -152,6 +153,19 @@ def test_seed_metrics_have_exact_names_and_values(exported):
     assert s[("kvbm_transfer_failures_total", (("route", "d2h"),))] == 0
     assert s[("kvbm_tier_blocks", (("tier", "cpu"),))] == 6
     assert s[("kvbm_tier_capacity_blocks", (("tier", "disk"),))] == 1000
+
+
+def test_a_tier_out_of_service_and_what_recovery_discarded_are_gauges(exported):
+    registry, _, port = exported
+    registry.notify("kvbm_tier_recovered", tier="disk", recovered=90, discarded={"data_checksum": 3, "torn_header": 1})
+    registry.notify("kvbm_tier_service_changed", tier="disk", in_service=False, error="EIO")
+    s = scrape(port)
+    assert s[("kvbm_tier_in_service", (("tier", "disk"),))] == 0
+    assert s[("kvbm_tier_in_service", (("tier", "cpu"),))] == 1
+    assert s[("kvbm_tier_recovery_discarded_blocks", (("reason", "data_checksum"), ("tier", "disk")))] == 3
+    assert s[("kvbm_tier_recovery_discarded_blocks", (("reason", "torn_header"), ("tier", "disk")))] == 1
+    registry.notify("kvbm_tier_service_changed", tier="disk", in_service=True, error="")
+    assert scrape(port)[("kvbm_tier_in_service", (("tier", "disk"),))] == 1
 
 
 def test_hit_rates_are_block_weighted_over_the_last_n_requests(exported):

@@ -91,6 +91,13 @@ class DiskOffloader:
         """Host slots the queue holds (one hold each)."""
         return np.fromiter(self._queue.values(), np.int64, len(self._queue))
 
+    def drop_queue(self) -> int:
+        """Forget every queued copy and let go of its host slot (the disk is out of service)."""
+        slots = self.queued_slots()
+        self._queue.clear()
+        self.host.release(slots)
+        return len(slots)
+
     def offer(self, keys: np.ndarray) -> None:
         """Host blocks seen again (see the module docstring); admitted ones are held and queued."""
         if not len(keys):

@@ -78,6 +78,7 @@ from kvbm_core.channel import WorkerConfig
 from kvbm_core.errors import KvbmError
 from kvbm_core.identity import KeySpace, Namespace, RequestScope, dynamo_salt_hash, keys_array
 from kvbm_core.layout import BlockLayout
+from kvbm_core.leader.breaker import TierBreaker
 from kvbm_core.leader.cost_model import CostModel
 from kvbm_core.leader.disk_offload import DiskOffloader
 from kvbm_core.leader.invariants import check_invariants
@@ -88,7 +89,7 @@ from kvbm_core.leader.stats import LeaderStats, StatsBook
 from kvbm_core.leader.tier_state import ABSENT, DEFAULT_PRIORITY, TierState
 from kvbm_core.leader.tiers import build_tiers
 from kvbm_core.link import LinkAddress
-from kvbm_core.ops import LOADS, NO_REQUEST, STAGING, STORES, Op, OpResult, Route, StepOps
+from kvbm_core.ops import DISK_ROUTES, LOADS, NO_REQUEST, STAGING, STORES, Op, OpResult, Route, StepOps
 from kvbm_core.registry import Registry
 from kvbm_core.settings.model import KvbmSettings
 
@@ -164,6 +165,8 @@ class BlockManager:
         self._kinds = tuple(t.kind if t is not None else "" for t in self._tiers)
         self._to_disk = DiskOffloader(self.host, self.disk, tiers.disk_filter) \
             if self.host is not None and self.disk is not None else None
+        self.disk_breaker = TierBreaker(self.disk.kind, clock, self._disk_service_changed) \
+            if self.disk is not None else None
         self.worker_config = WorkerConfig(settings, tiers.allocations, self.namespace.digest, world_size, link)
         self._cost = CostModel(settings.cost_model, layout.bytes_per_block, layout.tokens_per_block, tiers.read_gbps,
                                host_kind=self.host.kind if self.host is not None else None)
@@ -234,9 +237,17 @@ class BlockManager:
                              disk_tokens=result.disk_blocks * tpb)
         return result
 
+    def _disk_in_service(self) -> bool:
+        return self.disk_breaker is not None and self.disk_breaker.allows()
+
+    def _disk_service_changed(self, tier: str, in_service: bool, error: str) -> None:
+        if not in_service and self._to_disk is not None:
+            self._to_disk.drop_queue()  # its host slots would otherwise stay held until the disk returns
+        self.registry.notify("kvbm_tier_service_changed", tier=tier, in_service=in_service, error=error)
+
     def _lookup(self, req: RequestSlot, num_tokens: int, num_device_tokens: int) -> Match:
         tpb = self.tokens_per_block
-        host, disk = self.host, self.disk
+        host, disk = self.host, self.disk if self._disk_in_service() else None
         if num_device_tokens % tpb or host is None:
             return NO_MATCH
         limit = (num_tokens - 1) // tpb
@@ -572,7 +583,7 @@ class BlockManager:
         rows = rows[: len(slots)]
         prio = np.array(priority, np.int16)
         self._emit_stores(Route.D2H, target, owners, bounds, rows, slots, keys, seq, prio, device_ids, planned)
-        if len(overflow) and self.disk is not None:
+        if len(overflow) and self._disk_in_service():
             self._store_to_disk(owners, bounds, overflow, keys, seq, prio, device_ids, planned)
         if duplicate.any():
             self._offer_for_disk(keys[duplicate])
@@ -611,11 +622,13 @@ class BlockManager:
 
     # -------------------------------------------------------------------------- host -> disk
     def _offer_for_disk(self, keys: np.ndarray) -> None:
-        if self._to_disk is not None:
+        if self._to_disk is not None and self._disk_in_service():
             self._to_disk.offer(keys)
 
     def _plan_disk_offloads(self, planned: list[PlannedOp]) -> None:
-        if self._to_disk is None or (claimed := self._to_disk.plan(self._removed)) is None:
+        if self._to_disk is None or not self._disk_in_service():
+            return
+        if (claimed := self._to_disk.plan(self._removed)) is None:
             return
         src, dst, keys, seq = claimed
         planned.append(self._new_op(Route.H2DISK, None, src, dst, keys, seq, self._to_disk.host))
@@ -652,6 +665,8 @@ class BlockManager:
                             error=result.error)
                 self.registry.notify("kvbm_transfer_failed", route=op.route.label, op_id=op.op_id,
                                      request_id=op.request_id, error=result.error or "failed")
+            if op.route in DISK_ROUTES and self.disk_breaker is not None:
+                self.disk_breaker.record(not failed, result.device_failed, result.error)
             if op.route in STORES:
                 if req is not None and req.pending_loads and not failed:
                     req.deferred.append((op, result))  # applied once the request's loads are through
@@ -683,7 +698,8 @@ class BlockManager:
             bad: tuple[int, ...] = ()
         else:
             bad = tuple(sorted({b for r in failed for b in r.failed_blocks}))
-        return replace(slowest, ok=not failed, rank=-1, error=errors, failed_blocks=bad)
+        return replace(slowest, ok=not failed, rank=-1, error=errors, failed_blocks=bad,
+                       device_failed=any(r.device_failed for r in parts.values()))
 
     def _finish_store(self, op: PlannedOp, result: OpResult, discard: bool) -> None:
         tier = op.tier

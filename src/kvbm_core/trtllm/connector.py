@@ -75,6 +75,7 @@ from kvbm_core.logging import configure as configure_logging
 from kvbm_core.ops import BACKGROUND, LOADS, STORES, OpResult, StepOps
 from kvbm_core.registry import default_registry
 from kvbm_core.settings import KvbmSettings, resolve_settings
+from kvbm_core.storage import BlockFileStorage, RecoveryReport
 from kvbm_core.trtllm import KvCacheConnectorScheduler, KvCacheConnectorWorker, SchedulerOutput
 from kvbm_core.trtllm.engine_checks import check_engine_settings
 
@@ -251,10 +252,12 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                 log.warning("could not collect every rank's results", error=str(exc))
         return self._block_manager().stats
 
-    def on_recovered(self, kind: str, slots: np.ndarray, keys: np.ndarray) -> None:
+    def on_recovered(self, kind: str, slots: np.ndarray, keys: np.ndarray, report: RecoveryReport) -> None:
         if len(slots):
             self._manager.recovered(kind, slots, keys)
             log.info("disk blocks recovered from a previous run", tier=kind, blocks=int(len(slots)))
+        self._registry.notify("kvbm_tier_recovered", tier=kind, recovered=int(len(slots)),
+                              discarded=dict(report.discarded))
 
     # -- TRT-LLM scheduler API ---------------------------------------------------------------
     def _block_manager(self) -> Any:
@@ -418,9 +421,8 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         if leader is not None and self._rank == 0:
             for allocation in config.tiers:
                 tier = self._tiers.get(allocation.level)
-                recovered = getattr(tier, "recovered", None)
-                if recovered is not None:
-                    leader.on_recovered(allocation.kind, *recovered())
+                if isinstance(tier, BlockFileStorage):
+                    leader.on_recovered(allocation.kind, *tier.recovered(), tier.recovery_report())
         log.info("kvbm worker ready", rank=self._rank, tiers=[t.kind for t in config.tiers])
 
     def bind_connector_meta(self, metadata: object) -> None:

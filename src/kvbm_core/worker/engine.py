@@ -51,7 +51,7 @@ from kvbm_core.errors import ConfigError
 from kvbm_core.interfaces import StorageTier, TierLevel
 from kvbm_core.layout import BlockLayout
 from kvbm_core.ops import BACKGROUND, LOADS, STAGING, STORES, Op, OpResult, Route
-from kvbm_core.storage import BlockFileStorage, HostStorage, ReadCheck
+from kvbm_core.storage import BlockFileStorage, HostStorage, ReadCheck, TierIOError
 from kvbm_core.worker.copies import BlockCopier, coalesce
 from kvbm_core.worker.hazards import SlotHazards
 
@@ -70,6 +70,7 @@ class Ticket:
         self.cuda = cuda
         self.failed: dict[int, str] = {}
         self.error = ""
+        self.device_failed = False
         self.t_start: float | None = None
         self.t_end: float | None = None
         self.pieces_left = 0
@@ -85,6 +86,13 @@ class Ticket:
 
     def fail_all(self, reason: str) -> None:
         self.fail(np.arange(self.op.num_blocks), reason)
+
+    def failed_by(self, exc: Exception, positions: Sequence[int] | np.ndarray | None = None) -> None:
+        """Fail ``positions`` (all when None) because of ``exc``; remember a failing device."""
+        if isinstance(exc, TierIOError) and exc.device_failed:
+            self.device_failed = True
+        reason = f"{type(exc).__name__}: {exc}"
+        self.fail(np.arange(self.op.num_blocks) if positions is None else positions, reason)
 
     def started(self) -> None:
         with self.lock:
@@ -119,6 +127,7 @@ class Ticket:
             seconds=max(seconds, 0.0),
             error=self.error,
             failed_blocks=tuple(sorted(self.failed)),
+            device_failed=self.device_failed,
         )
 
 
@@ -434,7 +443,7 @@ class TransferEngine:
         try:
             fn()
         except Exception as exc:  # one failed op must not stop the worker
-            ticket.fail_all(f"{type(exc).__name__}: {exc}")
+            ticket.failed_by(exc)
             log.exception("transfer failed", op_id=ticket.op.op_id, route=ticket.op.route.label)
             ticket.finish_issue()
 
@@ -564,7 +573,7 @@ class TransferEngine:
         try:
             work(ticket, positions, first_slot, src, dst)
         except Exception as exc:
-            ticket.fail(positions, f"{type(exc).__name__}: {exc}")
+            ticket.failed_by(exc, positions)
             log.warning("transfer piece failed", op_id=ticket.op.op_id, route=ticket.op.route.label,
                         blocks=len(positions), error=str(exc))
         finally:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import structlog
 
 from kvbm_core.errors import StorageError
-from kvbm_core.storage.base import TierIOError
+from kvbm_core.storage import TierIOError
 from kvbm_tier_disk.location import DIRECTORY_VARIABLE, TierDirectory, open_directory, open_private_file, reopen_same
 
 log = structlog.get_logger("kvbm.tier.disk")

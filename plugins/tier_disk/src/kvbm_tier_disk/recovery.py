@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from kvbm_core.storage import StagingLanes
-from kvbm_core.storage.base import RecoveryReport, TierIOError
+from kvbm_core.storage import RecoveryReport, StagingLanes, TierIOError
 from kvbm_tier_disk.blockfile import BlockFile
 from kvbm_tier_disk.format import HEADER_BYTES, HEADER_DTYPE, RecordFault, RecordFormat
 

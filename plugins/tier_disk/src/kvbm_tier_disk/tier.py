@@ -32,8 +32,13 @@ from kvbm_core.errors import StorageError
 from kvbm_core.interfaces import CheckResult, TierContext
 from kvbm_core.layout import BlockLayout
 from kvbm_core.settings.model import KvbmSettings
-from kvbm_core.storage import BlockFileStorage, ReadCheck, StagingLanes, check_positive_int_options
-from kvbm_core.storage.base import RecoveryReport
+from kvbm_core.storage import (
+    BlockFileStorage,
+    ReadCheck,
+    RecoveryReport,
+    StagingLanes,
+    check_positive_int_options,
+)
 from kvbm_tier_disk.blockfile import BlockFile, fallocate, file_stem, open_block_file, recreate
 from kvbm_tier_disk.format import HEADER_BYTES, ChecksumKind, RecordFormat, rank_namespace, record_bytes, xxh3_rows
 from kvbm_tier_disk.location import open_directory

@@ -33,8 +33,7 @@ from kvbm_core.errors import StorageError
 from kvbm_core.hookspecs import hookimpl
 from kvbm_core.interfaces import CheckResult, TierContext
 from kvbm_core.settings.model import KvbmSettings
-from kvbm_core.storage import ReadCheck, StagingLanes
-from kvbm_core.storage.base import TierIOError
+from kvbm_core.storage import ReadCheck, StagingLanes, TierIOError
 from kvbm_tier_disk import LocalDiskTier
 from kvbm_tier_disk.format import HEADER_BYTES, ChecksumKind, wsum64_rows, xxh3_rows
 from kvbm_tier_disk.location import is_same_file
