@@ -39,7 +39,7 @@ from kvbm_core.trtllm.connector import KvbmConnectorLeader, KvbmConnectorWorker
 
 DISTRIBUTION = "kvbm-misbehaving"
 CONFIG = ExecutorConfig(model="tiny", tokens_per_block=16, num_blocks=24, max_batch_size=4, max_num_tokens=512,
-                        max_seq_len=512, invariant=True)
+                        max_seq_len=512, model_mode="exact")
 HOST_ONLY = [{"kind": "cpu", "num_blocks": 12}]
 HOST_AND_DISK = [{"kind": "cpu", "num_blocks": 12}, {"kind": "disk", "num_blocks": 128}]
 
