@@ -28,9 +28,11 @@ through a real :class:`~kvbm_core.leader.tier_state.TierState` with each policy:
   skipped, the others are allocated (evicting through the policy) and completed.
 - With ``--disk`` a disk tier behind the real :class:`~kvbm_core.leader.disk_offload.DiskOffloader`
   and ``frequency`` filter runs as in the ``cpu_disk`` profile: blocks are offered on every store,
-  skipped duplicate store and hit, and each request's admitted copies run before the next request
-  (their end re-adds the host slot, as a use). ``--slow-disk`` keeps disk blocks out of matches, as
-  the cost model did on a machine whose disk reads slower than the model recomputes.
+  skipped duplicate store and hit (an admitted block is held in the host until copied), and each
+  request's copies run before the next request (their end re-adds the host slot, as a use). Disk
+  blocks of a prompt's run are staged into host slots, then loaded from there. ``--slow-disk`` keeps
+  disk blocks out of matches, as the cost model did on a machine whose disk reads slower than the
+  model recomputes.
 
 Scenarios: the ``long-input`` and ``embedded`` presets; ``many-users`` (40 sessions); ``growing-chat``
 (long answers: each round adds much new context); ``shifting-users`` (a second group of users
@@ -62,9 +64,9 @@ import numpy as np
 from kvbm_core.bench.workload import MultiRoundQA, WorkloadConfig
 from kvbm_core.errors import ConfigError
 from kvbm_core.identity import Namespace, block_keys
-from kvbm_core.interfaces import EvictionPolicy, TierLevel
+from kvbm_core.interfaces import EvictionPolicy, OffloadFilter, TierLevel
 from kvbm_core.layout import BlockLayout
-from kvbm_core.leader.disk_offload import DiskOffloader
+from kvbm_core.leader.disk_offload import CheckedAdmission, DiskOffloader
 from kvbm_core.leader.tier_state import ABSENT, DEFAULT_PRIORITY, TierState
 from kvbm_core.registry import Registry
 
@@ -193,16 +195,25 @@ class Replay:
     def host_hit_rate(self) -> float:
         return self.host_hits / self.queried if self.queried else 0.0
 
+    @property
+    def hit_rate(self) -> float:
+        """Host and disk hits together."""
+        return (self.host_hits + self.disk_hits) / self.queried if self.queried else 0.0
+
 
 def replay(trace: Sequence[Request], policy: EvictionPolicy, host_slots: int, *,
-           disk: tuple[EvictionPolicy, int, Any] | None = None, disk_loads: bool = True) -> Replay:
-    """The block manager's host-tier calls for ``trace``; ``disk``: (policy, slots, admission filter)."""
+           disk: tuple[EvictionPolicy, int, OffloadFilter] | None = None, disk_loads: bool = True) -> Replay:
+    """The block manager's host-tier calls for ``trace``; ``disk``: (policy, slots, admission filter).
+
+    Disk blocks of a prompt's run are staged into host slots and then loaded from there, as the
+    block manager does; ``disk_loads=False`` leaves them out of the run (the cost model's choice for
+    a disk slower than recomputing)."""
     host = TierState("cpu", TierLevel.HOST, host_slots, policy)
     disk_tier = offloader = None
     if disk is not None:
         disk_policy, disk_slots, admission = disk
         disk_tier = TierState("disk", TierLevel.DISK, disk_slots, disk_policy)
-        offloader = DiskOffloader(host, disk_tier, admission)
+        offloader = DiskOffloader(host, disk_tier, CheckedAdmission(admission, "kvbm-policy-frequency"))
     out = Replay()
     start = time.perf_counter()
     for req in trace:
@@ -214,18 +225,26 @@ def replay(trace: Sequence[Request], policy: EvictionPolicy, host_slots: int, *,
             in_host = host.matchable(slots)
             found = in_host.copy()
             if disk_tier is not None and disk_loads:
-                disk_slots = disk_tier.lookup(wanted)
-                found |= disk_tier.matchable(disk_slots)
+                found |= disk_tier.matchable(disk_tier.lookup(wanted))
             run = len(found) if found.all() else int(np.argmin(found))
-            from_host = in_host[:run]
             out.queried += len(wanted)
-            out.host_hits += int(np.count_nonzero(from_host))
-            out.disk_hits += run - int(np.count_nonzero(from_host))
-            _touch(host, slots[:run][from_host])
-            if disk_tier is not None:
-                if disk_loads:
-                    _touch(disk_tier, disk_slots[:run][~from_host])
-                offloader.offer(wanted[:run][from_host])
+            host.hold(slots[:run][in_host[:run]])  # before staging picks victims
+            on_disk = np.flatnonzero(~in_host[:run])
+            staged = np.zeros(0, np.int64)
+            if len(on_disk):
+                assert disk_tier is not None
+                staged = _stage(host, disk_tier, wanted[on_disk])
+                if len(staged) < len(on_disk):  # no room to stage the rest: the run ends there
+                    cut = int(on_disk[len(staged)])
+                    host.release(slots[cut:run][in_host[cut:run]])
+                    run = cut
+                slots[on_disk[: len(staged)]] = staged
+                host.hold(staged)
+            out.host_hits += run - len(staged)
+            out.disk_hits += len(staged)
+            if offloader is not None:
+                offloader.offer(wanted[:run])
+            host.release(slots[:run])  # the load finished
         computed = first + run
         for lo, hi in [(computed, max(computed, req.prompt_blocks))] + [
             (b, b + 1) for b in range(max(computed, req.prompt_blocks), len(keys))
@@ -238,11 +257,16 @@ def replay(trace: Sequence[Request], policy: EvictionPolicy, host_slots: int, *,
     return out
 
 
-def _touch(tier: TierState, slots: np.ndarray) -> None:
-    """A load: held from the match until its result."""
-    if len(slots):
-        tier.hold(slots)
-        tier.release(slots)
+def _stage(host: TierState, disk: TierState, keys: np.ndarray) -> np.ndarray:
+    """Disk blocks read into host slots before they are promised (``DISK2H``); the host slots."""
+    sources = disk.lookup(keys)
+    disk.hold(sources)
+    targets, _, _ = host.allocate(len(keys))
+    n = len(targets)
+    host.begin_write(targets, keys[:n], disk.seq[sources[:n]], disk.priority[sources[:n]])
+    host.complete_write(targets)
+    disk.release(sources)
+    return targets
 
 
 def _store(host: TierState, keys: np.ndarray, offloader: DiskOffloader | None) -> int:
@@ -441,15 +465,15 @@ def run(scenarios: Sequence[Scenario], fractions: Sequence[float], policies: Seq
                 result = replay(trace, choice.cls(slots, choice.options), slots, disk=disk, disk_loads=disk_loads)
                 rows.append({"scenario": scenario.name, "working_set_blocks": blocks, "fraction": fraction,
                              "host_slots": slots, "policy": choice.label, "options": dict(choice.options),
-                             "host_hit_rate": result.host_hit_rate, **asdict(result)})
+                             "host_hit_rate": result.host_hit_rate, "hit_rate": result.hit_rate, **asdict(result)})
     return rows
 
 
-def table(rows: Sequence[Mapping[str, Any]]) -> str:
+def table(rows: Sequence[Mapping[str, Any]], metric: str = "host_hit_rate") -> str:
     labels = list(dict.fromkeys(r["policy"] for r in rows))
     cells: dict[tuple[str, float], dict[str, float]] = {}
     for r in rows:
-        cells.setdefault((r["scenario"], r["fraction"]), {})[r["policy"]] = r["host_hit_rate"]
+        cells.setdefault((r["scenario"], r["fraction"]), {})[r["policy"]] = r[metric]
     width = max(14, *(len(label) + 2 for label in labels))
     lines = [f"{'scenario':<14}{'host/ws':>8}" + "".join(f"{label:>{width}}" for label in labels)]
     for (scenario, fraction), by_policy in cells.items():
@@ -497,7 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios = [SCENARIOS[s] for s in (args.scenario or SCENARIOS)]
     rows = run(scenarios, args.fraction or DEFAULT_FRACTIONS, policies, disk_fraction=args.disk,
                disk_loads=not args.slow_disk, registry=registry)
-    print(table(rows))
+    print("host hit rate\n" + table(rows))
+    if args.disk is not None:
+        print("\nhost + disk hit rate\n" + table(rows, "hit_rate"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"argv": sys.argv, "python": platform.python_version(),

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,7 @@ from kvbm_core.errors import ConfigError
 from kvbm_core.interfaces import EvictionPolicy, TierLevel
 from kvbm_core.leader import BlockManager
 from kvbm_core.leader.tier_state import TierState
+from kvbm_core.settings import resolve_settings
 from kvbm_policy_frequency.eviction import _QUANTILE, _RATE, DEFAULTS, ScanResistantEviction
 
 from .leader_setup import layout
@@ -267,6 +269,19 @@ def test_bad_options_name_the_yaml_key(make_bm, options, where):
         ScanResistantEviction.validate_options(options)
     with pytest.raises(ConfigError, match=rf"^eviction_options\.{where}: "):
         make_bm(make_settings(16, eviction="scan_resistant", eviction_options=options))
+
+
+def test_a_profile_with_a_bad_option_is_refused_when_resolving(registry, tmp_path):
+    """``kvbm config show``, ``kvbm doctor`` and the engine refuse it before any tier is built."""
+    profile = tmp_path / "scan.yaml"
+    profile.write_text(yaml.safe_dump({"tiers": [{"kind": "cpu", "capacity_gb": 0.01}], "eviction": "scan_resistant",
+                                       "eviction_options": {"horizon_factor": 0.5}}))
+    with pytest.raises(ConfigError, match=r"^profile .*scan\.yaml: eviction_options\.horizon_factor: got 0\.5 "):
+        resolve_settings({"DYN_KVBM_PROFILE": str(profile)}, registry=registry)
+    profile.write_text(yaml.safe_dump({"tiers": [{"kind": "cpu", "capacity_gb": 0.01}], "eviction": "scan_resistant",
+                                       "eviction_options": {"levels": 2}}))
+    settings = resolve_settings({"DYN_KVBM_PROFILE": str(profile)}, registry=registry).settings
+    assert (settings.eviction, settings.eviction_options) == ("scan_resistant", {"levels": 2})
 
 
 def test_selected_by_name_with_its_options_for_every_tier(make_bm):
