@@ -1,6 +1,11 @@
-"""kvbm-policy-frequency: the host -> disk admission filter that spares the SSD one-off blocks.
+"""kvbm-policy-frequency: policies that count how often a block is seen.
 
-Semantics (those of Dynamo KVBM's disk offload filter, which the seed guide documents):
+- ``frequency`` (disk offload filter, below): host -> disk admission that spares the SSD one-off
+  blocks.
+- ``scan_resistant`` (eviction, :mod:`kvbm_policy_frequency.eviction`): keeps part of a working set
+  larger than its tier, where LRU cycles all of it out; ``eviction: scan_resistant`` in a profile.
+
+The filter's semantics (those of Dynamo KVBM's disk offload filter, which the seed guide documents):
 
 - The first offer of a block sets its frequency to 1; each later offer doubles it.
 - An offer is admitted when the frequency, after this offer, is at least ``min_frequency`` (2): a
@@ -27,7 +32,8 @@ import numpy as np
 
 from kvbm_core.errors import ConfigError
 from kvbm_core.hookspecs import hookimpl
-from kvbm_core.interfaces import OffloadFilter
+from kvbm_core.interfaces import EvictionPolicy, OffloadFilter
+from kvbm_policy_frequency.eviction import ScanResistantEviction
 
 OPTIONS_KEY = "disk_offload_filter.options"
 DEFAULTS: Mapping[str, float] = {"min_frequency": 2, "decay_interval_s": 600.0, "max_entries": 1_000_000}
@@ -100,3 +106,8 @@ def _positive_int(value: Any, option: str) -> int:
 @hookimpl
 def kvbm_offload_filters() -> Sequence[type[OffloadFilter]]:
     return [FrequencyFilter]
+
+
+@hookimpl
+def kvbm_eviction_policies() -> Sequence[type[EvictionPolicy]]:
+    return [ScanResistantEviction]
