@@ -52,6 +52,10 @@ log = structlog.get_logger("kvbm.storage.host_memory")
 
 PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20
+POPULATE_CALL_BYTES = 8 << 20
+"""Bytes faulted in by one ``madvise`` call. The kernel holds the process's mmap lock for a whole
+call, and any thread that maps or unmaps memory meanwhile (a new thread's stack, a large malloc, a
+CUDA allocation) waits for it: small calls keep that wait short while the engine serves."""
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; older kernels answer EINVAL and we touch pages instead
 _CUDA_HOST_REGISTER_PORTABLE = 1
 _CUDA_STREAM_CAPTURE_MODE_RELAXED = 2
@@ -362,7 +366,8 @@ class HostMemory:
     def _grow_segment(self, index: int) -> str | None:
         """Populate and register segment ``index``; the problem, or None. Skips work once stopping."""
         start = self._starts[index]
-        self._populate(start, self._len(start))
+        if not self._populate(start, self._len(start), stoppable=True):
+            return "stopped"
         if self._runtime is None:
             return None
         with self._cv:
@@ -407,14 +412,20 @@ class HostMemory:
         """The end of segment ``index`` (0 for ``index`` -1)."""
         return 0 if index < 0 else self._starts[index] + self._len(self._starts[index])
 
-    def _populate(self, start: int, length: int) -> None:
-        """Fault in ``length`` bytes: MADV_POPULATE_WRITE, or one write per page on older kernels."""
-        if _libc.madvise(self.address + start, length, _MADV_POPULATE_WRITE) == 0:
-            return
-        code = ctypes.get_errno()
-        if code != errno.EINVAL:  # out of memory, or the range is gone: touching the pages would not help
-            raise StorageError(self.label, f"cannot fault in {length} bytes of host memory: {os.strerror(code)}")
-        ctypes.memset(self.address + start, 0, length)
+    def _populate(self, start: int, length: int, stoppable: bool = False) -> bool:
+        """Fault in ``length`` bytes (MADV_POPULATE_WRITE, or one write per page on older kernels),
+        :data:`POPULATE_CALL_BYTES` at a time; False if ``stoppable`` and growth stopped first."""
+        for offset in range(start, start + length, POPULATE_CALL_BYTES):
+            if stoppable and self._stopping:
+                return False
+            address, size = self.address + offset, min(POPULATE_CALL_BYTES, start + length - offset)
+            if _libc.madvise(address, size, _MADV_POPULATE_WRITE) == 0:
+                continue
+            code = ctypes.get_errno()
+            if code != errno.EINVAL:  # out of memory, or the range is gone: touching the pages would not help
+                raise StorageError(self.label, f"cannot fault in {size} bytes of host memory: {os.strerror(code)}")
+            ctypes.memset(address, 0, size)
+        return True
 
     def close(self) -> None:
         """Stop growing, unregister and unmap (idempotent). Views still alive keep the mapping
