@@ -10,7 +10,8 @@ callers split their copies at.
 
 **Progressive start.** With ``start_bytes`` the constructor returns once the first segments
 covering that many bytes are populated and registered (one 512 MiB segment by default in the host
-tier: about 0.1 s at the 6-8 GB/s the H200 machine populates and registers with 16 threads). The
+tier: about 0.1 s at the 6-8 GB/s the H200 machine populated and registered 8-48 GB with 16
+threads, whatever the tier's size; 0.5 s is the budget before the engine serves). The
 other segments are populated and registered by ``grow_threads`` background threads, claimed in
 slot order. :attr:`HostMemory.ready_bytes` is the usable prefix: it only grows, and only across
 whole segments, so every byte below it is populated and (on CUDA) registered. A background failure

@@ -5,10 +5,11 @@ a ``[num_slots, bytes_per_block]`` uint8 tensor. On a CUDA rank the pool is pinn
 CUDA in segments, see :mod:`kvbm_core.storage.host_memory`) so copies run at PCIe speed; without
 CUDA it is plain memory, said once in the log.
 
-The constructor returns once the first ``start_mb`` of the pool is usable (one segment by default:
-about 0.1 s on the H200 machine, whatever the tier's size); background threads add the other
-segments in slot order, and :attr:`PinnedHostTier.ready_slots` counts the usable slots. A tier
-whose background growth fails logs it and keeps serving with the slots it has.
+The constructor returns once the first ``start_mb`` of the pool is usable (one segment by default,
+whatever the tier's size: about 0.1 s at the rate the H200 machine allocates pinned memory);
+background threads add the other segments in slot order, and :attr:`PinnedHostTier.ready_slots`
+counts the usable slots. A tier whose background growth fails logs it and keeps serving with the
+slots it has.
 
 Options (``tiers: [{kind: cpu, options: {...}}]``): ``alloc_threads`` (threads that fault in and
 register the start), ``grow_threads`` (threads that add the rest; default half of
