@@ -299,7 +299,8 @@ class HostMemory:
     # ------------------------------------------------------------------------------ readiness
     @property
     def ready_bytes(self) -> int:
-        """Leading bytes that are populated and (on CUDA) registered now; never decreases."""
+        """Leading bytes that are populated and (on CUDA) registered now; never decreases. Nothing
+        is usable once :meth:`close` was called, whatever this says."""
         return self._end(self._ready_segments - 1) if self._ready_segments else 0
 
     @property
