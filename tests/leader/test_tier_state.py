@@ -184,3 +184,101 @@ def test_key_index_agrees_with_a_dict(data):
         clash[:, 1] += np.uint64(1)
         assert (index.get(clash) == CLASH).all()
         assert len(index) == len(ref)
+
+
+# ------------------------------------------------------------------ a tier that grows after it starts
+def test_a_partly_usable_tier_allocates_and_evicts_only_below_its_usable_count_until_it_grows():
+    t = TierState("cpu", TierLevel.HOST, 8, PriorityLruEviction(8), usable=3)
+    t.verify()
+    assert t.usable == 3 and t.count(SlotState.FREE) == 8
+    first = store(t, keys(1, 2, 3))
+    assert sorted(first.tolist()) == [0, 1, 2]
+    slots, ev_keys, _ = t.allocate(4)  # nothing free below 3: victims only, never a slot beyond
+    assert sorted(slots.tolist()) == [0, 1, 2] and len(ev_keys) == 3
+    t.begin_write(slots, keys(4, 5, 6), np.zeros(3, np.uint64), np.full(3, 35))
+    t.verify()
+    assert t.grow(6) == 3 and t.usable == 6
+    t.verify()
+    grown, ev_keys, _ = t.allocate(5)
+    assert sorted(grown.tolist()) == [3, 4, 5] and len(ev_keys) == 0  # the writes in flight are not evictable
+    t.begin_write(grown, keys(7, 8, 9), np.zeros(3, np.uint64), np.full(3, 35))
+    assert t.grow(5) == 0 and t.usable == 6  # never shrinks
+    assert t.grow(8) == 2
+    t.verify()
+    with pytest.raises(Exception, match="cannot grow to 9 slots"):
+        t.grow(9)
+
+
+def test_a_tier_with_nothing_usable_yet_allocates_nothing():
+    t = TierState("cpu", TierLevel.HOST, 4, PriorityLruEviction(4), usable=0)
+    slots, ev_keys, _ = t.allocate(2)
+    assert len(slots) == 0 and len(ev_keys) == 0
+    t.verify()
+    with pytest.raises(Exception, match="usable slots 5 outside"):
+        TierState("cpu", TierLevel.HOST, 4, PriorityLruEviction(4), usable=5)
+
+
+def test_recover_skips_slots_not_yet_usable():
+    t = TierState("disk", TierLevel.DISK, 6, PriorityLruEviction(6), usable=2)
+    taken = t.recover(np.array([1, 4]), keys(1, 2))
+    assert taken.tolist() == [1] and (t.lookup(keys(2)) == ABSENT).all()
+    t.verify()
+
+
+class _OffersUnusable(PriorityLruEviction):
+    """Offers slot 5, which it was never given (not usable yet), before behaving."""
+
+    offered = False
+
+    def victim(self):
+        if not self.offered:
+            self.offered = True
+            return 5
+        return super().victim()
+
+
+def test_a_policy_offering_a_slot_that_is_not_usable_is_replaced():
+    t = TierState("cpu", TierLevel.HOST, 8, _OffersUnusable(8), usable=2, fallback=PriorityLruEviction)
+    store(t, keys(1, 2))
+    slots, ev_keys, _ = t.allocate(1)
+    assert slots.tolist() == [0] and ev_keys.tolist() == keys(1).tolist()
+    assert isinstance(t.policy, PriorityLruEviction) and not isinstance(t.policy, _OffersUnusable)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_growth_keeps_every_invariant_under_random_use(data):
+    n = data.draw(st.integers(1, 24))
+    t = TierState("cpu", TierLevel.HOST, n, PriorityLruEviction(n), usable=data.draw(st.integers(0, n)))
+    next_key = 1
+    writing: list[int] = []
+    held: list[int] = []
+    for _ in range(data.draw(st.integers(1, 40))):
+        action = data.draw(st.sampled_from(["grow", "store", "complete", "abort", "hold", "release"]))
+        before = t.usable
+        if action == "grow":
+            target = data.draw(st.integers(0, n))
+            assert t.grow(target) == max(0, target - before)
+            assert t.usable == max(before, target)
+        elif action == "store":
+            slots, _, _ = t.allocate(data.draw(st.integers(1, 4)))
+            assert (slots < t.usable).all(), "allocated a slot that is not usable"
+            if len(slots):
+                ks = keys(*range(next_key, next_key + len(slots)))
+                next_key += len(slots)
+                t.begin_write(slots, ks, np.zeros(len(slots), np.uint64), np.full(len(slots), 35))
+                writing.extend(slots.tolist())
+        elif action in ("complete", "abort") and writing:
+            slot = writing.pop(data.draw(st.integers(0, len(writing) - 1)))
+            (t.complete_write if action == "complete" else t.abort_write)(np.array([slot]))
+        elif action == "hold":
+            ready = np.flatnonzero(t.state == SlotState.READY)
+            if len(ready):
+                slot = int(ready[data.draw(st.integers(0, len(ready) - 1))])
+                t.hold(np.array([slot]))
+                held.append(slot)
+        elif action == "release" and held:
+            t.release(np.array([held.pop(data.draw(st.integers(0, len(held) - 1)))]))
+        t.verify()
+        assert t.usable >= before
+        assert (t.state[t.usable:] == SlotState.FREE).all()

@@ -13,6 +13,10 @@ Choices:
   nor stored in this tier.
 - **Allocation** takes free slots first, then victims from the eviction policy. Only ``READY``
   slots are ever evicted; a slot referenced by an unreported operation is ``WRITING`` or ``HELD``.
+- **A tier that grows.** Only the first :attr:`TierState.usable` slots take part: a tier whose
+  storage is still being allocated on the workers (``HostStorage.ready_slots``) starts with the
+  part every rank has, and :meth:`TierState.grow` adds slots as the smallest count of all ranks
+  rises. Slots beyond are ``FREE`` but in no free list, never allocated, recovered or evicted.
 - **Lazy removal from the policy.** A ``READY`` slot that becomes ``HELD`` stays in the policy
   (telling the policy slot by slot would cost a Python call per matched block); when the policy
   offers it as a victim the tier skips it, and when its last hold goes the slot is added again, as
@@ -72,14 +76,19 @@ class TierState:
 
     ``policy_distribution`` names the distribution of ``policy`` in errors and logs; ``fallback``
     builds the policy that takes over from a misbehaving one (see the module docstring).
+    ``usable`` (default: all) is how many leading slots may be allocated until :meth:`grow`.
     """
 
     def __init__(self, kind: str, level: TierLevel, num_slots: int, policy: EvictionPolicy, *,
                  policy_distribution: str = "(unknown)",
-                 fallback: Callable[[int], EvictionPolicy] | None = None) -> None:
+                 fallback: Callable[[int], EvictionPolicy] | None = None, usable: int | None = None) -> None:
+        usable = num_slots if usable is None else usable
+        if not 0 <= usable <= num_slots:
+            raise KvbmError(f"tier {kind!r}: usable slots {usable} outside [0, {num_slots}] (caller bug)")
         self.kind = kind
         self.level = level
         self.num_slots = num_slots
+        self.usable = usable
         self.policy = policy
         self.policy_distribution = policy_distribution
         self._fallback = fallback
@@ -91,8 +100,20 @@ class TierState:
         self.priority = np.full(num_slots, DEFAULT_PRIORITY, np.int16)
         self.evictable_since = np.zeros(num_slots, np.int64)  # tick of the last add, for a fallback
         self._index = KeyIndex(num_slots)
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        self._free: list[int] = list(range(usable - 1, -1, -1))
         self._tick = 0
+
+    def grow(self, usable: int) -> int:
+        """Make the first ``usable`` slots allocatable (every rank's storage now holds them); returns
+        how many slots that added. The count never shrinks: a smaller one is ignored."""
+        if not 0 <= usable <= self.num_slots:
+            raise KvbmError(f"tier {self.kind!r}: cannot grow to {usable} slots, it has {self.num_slots}")
+        added = usable - self.usable
+        if added <= 0:
+            return 0
+        self._free[:0] = range(usable - 1, self.usable - 1, -1)  # below the free slots it had: those go first
+        self.usable = usable
+        return added
 
     # ------------------------------------------------------------------------------ queries
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -178,11 +199,11 @@ class TierState:
     def recover(self, slots: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """``FREE -> READY`` for blocks a restarted tier found valid; returns the slots taken.
 
-        Slots already in use and keys already indexed (or clashing) are skipped.
+        Slots already in use or not yet usable, and keys already indexed (or clashing) are skipped.
         """
         slots = np.asarray(slots, np.int64)
         keys = np.asarray(keys, np.uint64).reshape(-1, 2)
-        in_range = (slots >= 0) & (slots < self.num_slots)
+        in_range = (slots >= 0) & (slots < self.usable)
         slots, keys = slots[in_range], keys[in_range]
         _, first = np.unique(keys[:, 0], return_index=True)
         keep = np.zeros(len(slots), bool)
@@ -249,8 +270,8 @@ class TierState:
             if ready > 0:
                 raise _PolicyMisbehaved(f"victim() returned None while {ready} slots are evictable")
             return None
-        if isinstance(victim, bool) or not isinstance(victim, (int, np.integer)) or not 0 <= victim < self.num_slots:
-            raise _PolicyMisbehaved(f"victim() returned {victim!r}, not a slot in [0, {self.num_slots})")
+        if isinstance(victim, bool) or not isinstance(victim, (int, np.integer)) or not 0 <= victim < self.usable:
+            raise _PolicyMisbehaved(f"victim() returned {victim!r}, not a usable slot in [0, {self.usable})")
         victim = int(victim)
         if victim in offered:
             raise _PolicyMisbehaved(f"victim() offered slot {victim} twice in one allocation")
@@ -320,7 +341,8 @@ class TierState:
         held = (state == SlotState.HELD) | (state == SlotState.DOOMED)
         assert (self.holds[held] > 0).all(), self.kind
         assert (self.holds[~held] == 0).all(), self.kind
-        free = np.flatnonzero(state == SlotState.FREE)
+        free = np.flatnonzero(state[:self.usable] == SlotState.FREE)
         assert sorted(self._free) == free.tolist(), self.kind
         assert len(set(self._free)) == len(self._free), self.kind
+        assert (state[self.usable:] == SlotState.FREE).all(), (self.kind, "a slot beyond the usable ones is in use")
 

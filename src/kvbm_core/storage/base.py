@@ -173,7 +173,8 @@ class HostStorage(StorageTier):
     """A host-memory tier. ``slots`` is ``[num_slots, bytes_per_block]`` uint8, block-major.
 
     A single copy never spans two of ``segment_slots``-slot segments (each is registered with CUDA
-    on its own).
+    on its own). Only the first :attr:`ready_slots` slots may be used: a tier may return from its
+    constructor with part of its pool usable and add the rest in the background.
     """
 
     level: ClassVar[TierLevel] = TierLevel.HOST
@@ -185,6 +186,21 @@ class HostStorage(StorageTier):
     @abstractmethod
     def slots(self) -> torch.Tensor:
         """The pool: row ``s`` holds the block stored in slot ``s``."""
+
+    @property
+    def ready_slots(self) -> int:
+        """Slots ``0 .. ready_slots - 1`` are usable now; the count never decreases.
+
+        The transfer engine refuses an operation on a slot at or beyond it, and the leader allocates
+        only below the smallest count of all ranks. A tier that allocates its whole pool before its
+        constructor returns keeps this default, ``num_slots``.
+        """
+        return self.context.num_slots
+
+    def wait_ready(self, slots: int, timeout: float) -> int:
+        """Wait (at most ``timeout`` seconds) until ``slots`` slots are ready or the tier stops
+        growing (complete, failed or closed); returns :attr:`ready_slots`."""
+        return self.ready_slots
 
 
 class BlockFileStorage(StorageTier):

@@ -13,6 +13,10 @@ members come from the base class itself, so the contract is stated once:
   (:func:`check_tier_instance`), with their annotated types and the row's consistency check (for a
   disk tier: ``record_bytes == bytes_per_slot(layout)``, lanes that hold ``io_records`` records).
 
+Members the base implements itself (``HostStorage.ready_slots``, the usable prefix of a tier that
+grows after it starts) need no override; the row's consistency check reads their value on the built
+tier all the same (``0 <= ready_slots <= num_slots``).
+
 A tier level below disk (a remote store) is one more :class:`~kvbm_core.interfaces.TierLevel`, one
 more base class with its members, and one more row in :data:`TIER_CONTRACTS`.
 """
@@ -71,6 +75,9 @@ def _host_consistent(tier: HostStorage) -> str | None:
         return f"slots must be a uint8 tensor of shape {expected} (num_slots, bytes_per_block), got {got}"
     if tier.segment_slots < 1:
         return f"segment_slots must be at least 1, got {tier.segment_slots}"
+    ready = tier.ready_slots
+    if isinstance(ready, bool) or not isinstance(ready, int) or not 0 <= ready <= context.num_slots:
+        return f"ready_slots must be an int in [0, num_slots={context.num_slots}], got {ready!r}"
     return None
 
 

@@ -404,6 +404,11 @@ class TransferEngine:
             limit = space if isinstance(space, int) else space.num_slots  # type: ignore[union-attr]
             if idx.size and (idx.min() < 0 or idx.max() >= limit):
                 return f"{what} index out of range [0, {limit})"
+            ready = self.host.ready_slots if space is self._host_hz else limit  # type: ignore[union-attr]
+            if idx.size and idx.max() >= ready:  # a host tier still growing (HostStorage.ready_slots)
+                return (f"host slot {int(idx.max())} is not usable yet: host tier "
+                        f"{self.host.name!r} has {ready} of {limit} slots ready "  # type: ignore[union-attr]
+                        "(the rest is still being allocated)")
         if need_disk and len(op.keys) != op.num_blocks:
             return f"{op.num_blocks} blocks but {len(op.keys)} keys"
         return None
