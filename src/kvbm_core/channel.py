@@ -3,8 +3,9 @@
 TRT-LLM builds the scheduler-side connector on rank 0 only, in the same process as rank 0's
 worker, and hands both the same ``llm_args`` object. That object keys a :class:`LocalChannel`:
 
-- worker -> leader: the pool layout (``register_kv_caches``), operation results, blocks a disk tier
-  found at start (restart safety);
+- worker -> leader: the pool layout (``register_kv_caches``), operation results, how much of its
+  host tier is usable yet (:class:`~kvbm_core.ops.TierReady`), blocks a disk tier found at start
+  (restart safety);
 - leader -> worker: the :class:`WorkerConfig` (resolved settings and tier sizes).
 
 Workers of other ranks (other processes) have no leader here: they take the :class:`WorkerConfig`
@@ -24,7 +25,7 @@ import numpy as np
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
 from kvbm_core.link import LinkAddress
-from kvbm_core.ops import Op, OpResult
+from kvbm_core.ops import Op, OpResult, TierReady
 from kvbm_core.settings.model import KvbmSettings, TierSpec
 
 
@@ -84,6 +85,7 @@ class LocalChannel:
         self.worker: WorkerEndpoint | None = None
         self._lock = threading.Lock()
         self._results: list[OpResult] = []
+        self._ready: list[TierReady] = []
 
     def collect(self) -> None:
         worker = self.worker
@@ -100,6 +102,16 @@ class LocalChannel:
         """Called by the leader on its scheduling thread."""
         with self._lock:
             out, self._results = self._results, []
+        return out
+
+    def report_ready(self, ready: TierReady) -> None:
+        """Called by any rank's worker (through the link for other ranks), from any thread."""
+        with self._lock:
+            self._ready.append(ready)
+
+    def drain_ready(self) -> list[TierReady]:
+        with self._lock:
+            out, self._ready = self._ready, []
         return out
 
 

@@ -13,8 +13,8 @@ authenticated with a 32-byte secret the leader makes up and sends, with the addr
 worker configuration of the first step's metadata (TensorRT-LLM's MPI broadcast, which the engine
 already trusts). Messages:
 
-- worker -> leader: ``("hello", rank)`` once, then ``("results", [OpResult, ...])`` and
-  ``("reply", call_id, value_or_exception)``;
+- worker -> leader: ``("hello", rank)`` once, then ``("results", [OpResult, ...])``,
+  ``("ready", TierReady)`` and ``("reply", call_id, value_or_exception)``;
 - leader -> worker: ``("call", call_id, method, args)``.
 
 Every wait is bounded; a rank that cannot connect keeps retrying in the background until its
@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 
 from kvbm_core.errors import KvbmError
-from kvbm_core.ops import OpResult
+from kvbm_core.ops import OpResult, TierReady
 
 log = structlog.get_logger("kvbm.link")
 
@@ -64,8 +64,10 @@ class LinkAddress:
 class LeaderLink:
     """The leader's end: accepts workers, hands their results to ``on_results``, calls them."""
 
-    def __init__(self, on_results: Callable[[list[OpResult]], None], host: str = "127.0.0.1") -> None:
+    def __init__(self, on_results: Callable[[list[OpResult]], None], on_ready: Callable[[TierReady], None],
+                 host: str = "127.0.0.1") -> None:
         self._on_results = on_results
+        self._on_ready = on_ready
         authkey = os.urandom(32)
         self._listener = Listener((host, 0), authkey=authkey)
         self.address = LinkAddress(host, self._listener.address[1], authkey)
@@ -152,6 +154,8 @@ class LeaderLink:
                 message = conn.recv()
                 if message[0] == "results":
                     self._on_results(message[1])
+                elif message[0] == "ready":
+                    self._on_ready(message[1])
                 elif message[0] == "reply":
                     with self._lock:
                         future = self._calls.pop(message[1], None)
@@ -184,6 +188,7 @@ class WorkerLink:
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._backlog: list[OpResult] = []
+        self._ready: dict[str, TierReady] = {}  # the latest of each tier, sent again on (re)connection
         self._closed = threading.Event()
         self.connected = threading.Event()
         threading.Thread(target=self._run, name=f"kvbm-link-r{rank}", daemon=True).start()
@@ -200,6 +205,17 @@ class WorkerLink:
                 self._conn.send(("results", results))
             except (OSError, ValueError):
                 self._backlog.extend(results)
+
+    def send_ready(self, ready: TierReady) -> None:
+        """Tell the leader how much of a tier is usable; kept and sent once connected."""
+        with self._lock:
+            self._ready[ready.kind] = ready
+            if self._conn is None:
+                return
+            try:
+                self._conn.send(("ready", ready))
+            except (OSError, ValueError):
+                pass  # sent again when the connection is back
 
     def close(self) -> None:
         self._closed.set()
@@ -226,6 +242,8 @@ class WorkerLink:
                 backlog, self._backlog = self._backlog, []
                 if backlog:
                     conn.send(("results", backlog))
+                for ready in self._ready.values():
+                    conn.send(("ready", ready))
                 self._conn = conn
             self.connected.set()
             self._serve(conn)

@@ -140,6 +140,15 @@ class StepOps:
 
 
 @dataclass(frozen=True)
+class TierReady:
+    """A rank's host tier can use its first ``slots`` slots now (it grows after start; never shrinks)."""
+
+    rank: int
+    kind: str
+    slots: int
+
+
+@dataclass(frozen=True)
 class OpResult:
     """What one rank reports for one finished operation. ``ok=False`` is never counted as done.
 

@@ -22,9 +22,9 @@ def registry() -> Registry:
 def make_bm(registry: Registry) -> Callable[..., BlockManager]:
     def make(s: KvbmSettings | None = None, *, tokens_per_block: int = 4, world_size: int = 1,
              clock: Callable[[], float] | None = None, model_id: str = "test-model",
-             stager: Stager | None = None) -> BlockManager:
+             stager: Stager | None = None, host_grows: bool = False) -> BlockManager:
         kw = {"clock": clock} if clock is not None else {}
         return BlockManager(s or settings(), layout(tokens_per_block), world_size=world_size, model_id=model_id,
-                            registry=registry, stager=stager or Stager(world_size), **kw)
+                            registry=registry, stager=stager or Stager(world_size), host_grows=host_grows, **kw)
 
     return make

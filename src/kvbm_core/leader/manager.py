@@ -148,7 +148,7 @@ class BlockManager:
 
     def __init__(self, settings: KvbmSettings, layout: BlockLayout, *, world_size: int, model_id: str,
                  registry: Registry, weights: str = "", clock: Callable[[], float] = time.monotonic,
-                 link: LinkAddress | None = None, stager: Stager | None = None) -> None:
+                 link: LinkAddress | None = None, stager: Stager | None = None, host_grows: bool = False) -> None:
         self.settings = settings
         self.layout = layout
         self.world_size = world_size
@@ -157,7 +157,8 @@ class BlockManager:
         self.clock = clock
         self.tokens_per_block = layout.tokens_per_block
         self.namespace = Namespace.from_layout(layout, model_id, world_size, weights=weights)
-        tiers = build_tiers(settings, layout, world_size, registry, clock)
+        tiers = build_tiers(settings, layout, world_size, registry, clock, host_grows)
+        self._ready: dict[str, list[int]] = {}  # host tier kind -> ready slots reported by each rank
         self.host: TierState | None = tiers.host
         self.disk: TierState | None = tiers.disk
         self.plan = tiers.plan
@@ -236,6 +237,17 @@ class BlockManager:
                              device_tokens=num_device_tokens, host_tokens=result.host_blocks * tpb,
                              disk_tokens=result.disk_blocks * tpb)
         return result
+
+    def tier_ready(self, rank: int, kind: str, slots: int) -> None:
+        """Rank ``rank``'s ``kind`` tier can use its first ``slots`` slots: the leader uses as many as
+        every rank can (a rank not heard from yet counts as none)."""
+        tier = self.host
+        if tier is None or tier.kind != kind:
+            return
+        ready = self._ready.setdefault(kind, [0] * self.world_size)
+        ready[rank] = max(ready[rank], min(int(slots), tier.num_slots))
+        if min(ready) > tier.usable:
+            tier.grow(min(ready))
 
     def _disk_in_service(self) -> bool:
         return self.disk_breaker is not None and self.disk_breaker.allows()

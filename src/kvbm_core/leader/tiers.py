@@ -89,7 +89,9 @@ def staging_spec(disk: TierSpec, disk_slots: int, layout: BlockLayout, world_siz
 
 
 def build_tiers(settings: KvbmSettings, layout: BlockLayout, world_size: int, registry: Registry,
-                clock: Callable[[], float]) -> LeaderTiers:
+                clock: Callable[[], float], host_grows: bool = False) -> LeaderTiers:
+    """The leader's view of every tier. ``host_grows``: the host tier starts with no usable slot and
+    grows as every rank reports its storage ready (:meth:`BlockManager.tier_ready`)."""
     plan = plan_pipeline(settings, registry)
     tier_types = registry.types("tier")
     policy = registry.entry("eviction", settings.eviction, "eviction")
@@ -108,6 +110,7 @@ def build_tiers(settings: KvbmSettings, layout: BlockLayout, world_size: int, re
             spec.kind, level, num_slots,
             registry.create("eviction", policy.name, "eviction", num_slots, settings.eviction_options),
             policy_distribution=policy.distribution, fallback=PriorityLruEviction,
+            usable=0 if host_grows and level == TierLevel.HOST else None,
         )
         allocations.append(TierAllocation(spec.kind, level, num_slots, spec if staging else None))
         read_gbps[spec.kind] = float(cls.read_gbps)

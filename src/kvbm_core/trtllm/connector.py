@@ -72,7 +72,7 @@ from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
 from kvbm_core.link import LeaderLink, LinkError, WorkerLink
 from kvbm_core.logging import configure as configure_logging
-from kvbm_core.ops import BACKGROUND, LOADS, STORES, OpResult, StepOps
+from kvbm_core.ops import BACKGROUND, LOADS, STORES, OpResult, StepOps, TierReady
 from kvbm_core.registry import default_registry
 from kvbm_core.settings import KvbmSettings, resolve_settings
 from kvbm_core.storage import BlockFileStorage, RecoveryReport
@@ -216,7 +216,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
             from kvbm_core.leader import BlockManager
 
             if self._world_size > 1:  # the other ranks' workers live in other processes
-                self._link = LeaderLink(self._channel.report)
+                self._link = LeaderLink(self._channel.report, self._channel.report_ready)
             self._manager = BlockManager(
                 self._resolved.settings,
                 layout,
@@ -226,6 +226,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                 registry=self._registry,
                 link=self._link.address if self._link is not None else None,
                 stager=_RankStager(self._channel, self._link, self._world_size),
+                host_grows=True,
             )
             config = self._manager.worker_config
             self._pipeline = PipelineInfo(self._resolved.settings, config.tiers, layout, self._world_size)
@@ -269,6 +270,8 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                     "(DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS)"
                 )
         self._channel.collect()
+        for ready in self._channel.drain_ready():
+            self._manager.tier_ready(ready.rank, ready.kind, ready.slots)
         self._manager.apply_results(self._channel.drain())
         return self._manager
 
@@ -389,6 +392,8 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._loads_started_for = -1
         self._saving: deque[int] = deque()  # pinned requests, in the order they finished
         self._failed_loads: dict[int, str] = {}  # request -> why its promised blocks did not load
+        self._host_kind: str | None = None
+        self._ready_sent = -1  # host slots last reported usable
         self._results_lock = threading.Lock()
         self._link: WorkerLink | None = None
         self._closed = False
@@ -423,6 +428,8 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
                 tier = self._tiers.get(allocation.level)
                 if isinstance(tier, BlockFileStorage):
                     leader.on_recovered(allocation.kind, *tier.recovered(), tier.recovery_report())
+        self._host_kind = next((t.kind for t in config.tiers if t.level == TierLevel.HOST), None)
+        self._report_readiness()
         log.info("kvbm worker ready", rank=self._rank, tiers=[t.kind for t in config.tiers])
 
     def bind_connector_meta(self, metadata: object) -> None:
@@ -546,11 +553,25 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         return True
 
     def collect_results(self) -> None:
-        """This rank's finished operations go to the leader (through memory, or the link)."""
+        """This rank's finished operations, and how much of its host tier is usable, go to the leader
+        (through memory, or the link)."""
         if self._engine is None:
             return
         with self._results_lock:
             self._report(self._engine.poll())
+            self._report_readiness()
+
+    def _report_readiness(self) -> None:
+        """The host tier grows after start (:attr:`HostStorage.ready_slots`): report each increase."""
+        host = self._tiers.get(TierLevel.HOST) if self._host_kind is not None else None
+        if host is None or host.ready_slots == self._ready_sent:
+            return
+        self._ready_sent = host.ready_slots
+        ready = TierReady(self._rank, self._host_kind, self._ready_sent)
+        if self._link is not None:
+            self._link.send_ready(ready)
+        else:
+            self._channel.report_ready(ready)
 
     def _report(self, results: list[OpResult]) -> None:
         if not results:
