@@ -23,6 +23,7 @@ CASES = [
     ("block reuse off", {"kv_cache_config": {**GOOD["kv_cache_config"], "enable_block_reuse": False}}, "kv_cache_config.enable_block_reuse", FAIL),
     ("host cache", {"kv_cache_config": {**GOOD["kv_cache_config"], "host_cache_size": 1 << 30}}, "kv_cache_config.host_cache_size", FAIL),
     ("pipeline parallel", {"pipeline_parallel_size": 2}, "pipeline_parallel_size", FAIL),
+    ("ranks on two hosts", {"tensor_parallel_size": 16, "gpus_per_node": 8}, "tensor_parallel_size", FAIL),
     ("partial reuse", {"kv_cache_config": {**GOOD["kv_cache_config"], "enable_partial_reuse": True}}, "kv_cache_config.enable_partial_reuse", WARN),
 ]
 
@@ -31,11 +32,12 @@ def llm_args(data: dict) -> TorchLlmArgs:
     """The ``llm_args`` TensorRT-LLM would build from an LLM-API YAML (the fields connectors read)."""
     kv = data.get("kv_cache_config", {})
     pp = data.get("pipeline_parallel_size", 1)
+    tp = data.get("tensor_parallel_size", 1)
     connector = data.get("kv_connector_config")
     return TorchLlmArgs(
         model="tiny",
-        tensor_parallel_size=1,
-        parallel_config=ParallelConfig(tp_size=1, pp_size=pp),
+        tensor_parallel_size=tp,
+        parallel_config=ParallelConfig(tp_size=tp, pp_size=pp),
         kv_cache_config=KvCacheConfig(
             enable_block_reuse=kv.get("enable_block_reuse", True),
             enable_partial_reuse=kv.get("enable_partial_reuse", True),
@@ -44,7 +46,7 @@ def llm_args(data: dict) -> TorchLlmArgs:
         kv_connector_config=KvCacheConnectorConfig(**connector) if connector else None,
         max_seq_len=1024, max_batch_size=1, max_num_tokens=1024, enable_chunked_prefill=False,
         disable_overlap_scheduler=False, cuda_graph_config=None, dtype="float32", kv_cache_dtype="float32",
-        pipeline_parallel_size=pp,
+        pipeline_parallel_size=pp, gpus_per_node=data.get("gpus_per_node"),
     )  # fmt: skip
 
 

@@ -91,6 +91,7 @@ class TorchLlmArgs:
     pipeline_parallel_size: int = 1
     max_beam_width: int = 1
     backend: str = "pytorch"
+    gpus_per_node: int | None = None
     cache_transceiver_config: Any = None  # disaggregated serving: an object with ``backend`` (UCX, NIXL, ...)
 
 

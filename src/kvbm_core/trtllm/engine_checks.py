@@ -9,6 +9,8 @@ parallelism.
 
 - ``kv_cache_config.enable_block_reuse`` false: fail (without it TensorRT-LLM never asks kvbm for matches);
 - pipeline parallelism > 1: fail (kvbm does not support it);
+- more tensor-parallel ranks than ``gpus_per_node`` (an engine over several hosts): fail (kvbm's
+  ranks reach the leader over loopback);
 - ``kv_cache_config.host_cache_size`` set: fail (TensorRT-LLM's own host offload beside a connector
   can serve wrong KV);
 - ``kv_cache_config.enable_partial_reuse`` true: warn (device matches that end inside a block get no
@@ -55,8 +57,8 @@ class EngineFinding:
 def engine_findings(source: Any) -> list[EngineFinding]:
     """Every finding for ``source``: a TensorRT-LLM ``llm_args`` object or a parsed LLM-API YAML mapping."""
     from_yaml = isinstance(source, Mapping)
-    out = [_backend(source), _block_reuse(source), _pipeline(source), _host_cache(source), _partial_reuse(source, from_yaml),
-           *_single_pool(source)]
+    out = [_backend(source), _block_reuse(source), _pipeline(source), _one_host(source), _host_cache(source),
+           _partial_reuse(source, from_yaml), *_single_pool(source)]
     if from_yaml:
         out += _connector(source)
     return out
@@ -110,6 +112,15 @@ def _pipeline(source: Any) -> EngineFinding:
     if pp > 1:
         return EngineFinding(key, FAIL, f"kvbm does not support pipeline parallelism (got {pp})", "1")
     return EngineFinding(key, PASS, "1 (no pipeline parallelism)")
+
+
+def _one_host(source: Any) -> EngineFinding:
+    key = "tensor_parallel_size"
+    tp, gpus = _int(_get(source, key, 1)), _get(source, "gpus_per_node")
+    if gpus and tp > _int(gpus):
+        return EngineFinding(key, FAIL, f"{tp} ranks over hosts of {gpus} GPUs: kvbm's ranks reach the leader over "
+                             "loopback, so every rank of an engine must run on one host", f"at most gpus_per_node ({gpus})")
+    return EngineFinding(key, PASS, f"{tp} rank(s) on one host")
 
 
 def _host_cache(source: Any) -> EngineFinding:
