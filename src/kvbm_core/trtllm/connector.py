@@ -461,8 +461,11 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
             self._failed_loads.update(self._engine.start_loads(loads, compute))
 
     def wait_for_layer_load(self, layer_idx: int, stream: torch.cuda.Stream) -> None:
-        """``start_load_kv`` already made the compute stream wait on whole-block loads. A promised
-        block that did not load stops the forward pass here (see "A failed load")."""
+        """The compute stream waits for this layer's loads (GPU-side; whole-block loads were already
+        waited for in ``start_load_kv``). A promised block that did not load stops the forward pass
+        here (README, "Failures")."""
+        if self._engine is not None and self._pool is not None and self._pool.is_cuda:
+            self._engine.wait_layer(layer_idx, stream)
         self._raise_failed_loads()
 
     def _raise_failed_loads(self) -> None:
@@ -496,6 +499,10 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         ops = self._current_ops()
         if ops is None or self._forward_end[0] == ops.step:
             return
+        unwaited = self._engine.end_forward(stream)
+        if unwaited:  # the forward pass may have read blocks before they arrived: fail them, never serve them
+            self._failed_loads.update({r: "the forward pass ran without waiting for every layer's load"
+                                       for r in unwaited})
         event = None
         if stream is not None:
             event = torch.cuda.Event()

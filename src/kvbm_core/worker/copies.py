@@ -10,6 +10,8 @@ index arrays into maximal runs that are consecutive on both sides, with numpy, n
 - ``batch``: one ``cuMemcpyBatchAsync`` driver call for all runs of an operation (CUDA 12.8+),
   called through ctypes; checked once by a self-test copy at start, else ``runs`` is used.
 - ``runs``: one ``copy_(non_blocking=True)`` per run (few runs when slots are consecutive).
+- ``copy_by_layer`` (batch only): the same copy, one layer of every block at a time, so that an
+  engine can start on layer 0 while later layers are still copied.
 - on CPU: one ``copy_`` per run, or a gather and a scatter when runs are many.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import structlog
@@ -154,6 +157,21 @@ class BlockCopier:
             with torch.cuda.stream(stream):
                 for s, d, n in zip(s0.tolist(), d0.tolist(), length.tolist()):
                     dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
+
+    def copy_by_layer(self, dst: torch.Tensor, dst_idx: np.ndarray, src: torch.Tensor, src_idx: np.ndarray,
+                      num_layers: int, stream: torch.cuda.Stream, after_layer: Callable[[int], None]) -> None:
+        """``copy``, one layer at a time (batch strategy only): rows are block-major ``[layers, ...]``,
+        so layer ``l`` of every row is the ``l``-th of ``num_layers`` equal slices. ``after_layer(l)``
+        runs once layer ``l``'s copies are enqueued (to record an event the engine can wait on)."""
+        assert self.strategy == "batch" and self._batch is not None
+        layer_bytes = src.shape[1] // num_layers
+        dst_ptrs = dst.data_ptr() + np.asarray(dst_idx, np.int64) * dst.stride(0)
+        src_ptrs = src.data_ptr() + np.asarray(src_idx, np.int64) * src.stride(0)
+        sizes = np.full(len(src_ptrs), layer_bytes, np.int64)
+        for layer in range(num_layers):
+            offset = layer * layer_bytes
+            self._batch(dst_ptrs + offset, src_ptrs + offset, sizes, stream.cuda_stream)
+            after_layer(layer)
 
     @staticmethod
     def _copy_cpu(dst: torch.Tensor, dst_idx: np.ndarray, src: torch.Tensor, src_idx: np.ndarray,

@@ -4,8 +4,10 @@ Where each route runs:
 
 ==========  ==========================================================================
 D2H         store stream, after the forward-end event
-H2D         load stream; blocking loads make the compute stream wait on the load's event
-            (GPU-side, no host sync)
+H2D         load stream, layer by layer where batched copies exist: the compute stream waits
+            for layer ``l``'s copies only before layer ``l`` (:meth:`TransferEngine.wait_layer`),
+            so later layers copy while earlier ones compute; else the whole load before the
+            forward pass. GPU-side waits, no host sync
 H2DISK      I/O thread pool: host rows straight to the file (page-aligned rows need no copy)
 DISK2H      I/O thread pool: file -> staging lane, verify, copy the verified blocks into host
             slots; run at once for the leader (:meth:`TransferEngine.run_now`)
@@ -66,6 +68,7 @@ class Ticket:
         self.op = op
         self.issued: Future[None] = Future()
         self.event: torch.cuda.Event | None = None
+        self.layer_events: list[torch.cuda.Event] = []  # H2D copied layer by layer: one per layer
         self.timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         self.cuda = cuda
         self.failed: dict[int, str] = {}
@@ -193,6 +196,12 @@ class TransferEngine:
         self._disk_hz = SlotHazards(self.disk.context.num_slots) if self.disk is not None else None
         self._device_hz = SlotHazards(int(self.pool.shape[0]))
         self.copier = BlockCopier(self.device, copy_strategy)
+        self.num_layers = layout.num_layers
+        #: Loads copied layer by layer (see the module docstring); switched off if a forward pass
+        #: turns out not to call ``wait_layer`` (:meth:`end_forward`).
+        self.pipelined = self.copier.strategy == "batch" and self.num_layers > 1 and self.bpb % self.num_layers == 0
+        self._layer_tickets: list[Ticket] = []  # this forward pass's pipelined loads
+        self._layers_waited = -1
 
         self._lock = threading.Lock()
         self._next_id = 0
@@ -225,9 +234,37 @@ class TransferEngine:
                 t.fail_all(f"load not issued within {self.wait_timeout_s:.0f} s, before its forward pass")
                 log.error("a load missed its forward pass", op_id=t.op.op_id, request_id=t.op.request_id)
                 continue
-            if t.event is not None and compute is not None:
+            if t.layer_events and compute is not None:
+                self._layer_tickets.append(t)  # waited for layer by layer (wait_layer)
+            elif t.event is not None and compute is not None:
                 compute.wait_event(t.event)
         return {t.op.request_id: f"load operation {t.op.op_id} failed: {t.error}" for t in tickets if t.failed}
+
+    def wait_layer(self, layer: int, stream: torch.cuda.Stream | None) -> None:
+        """Make ``stream`` wait for this forward pass's loads of layers ``0 .. layer`` (copies run in
+        layer order on one stream, so the event of the last of them covers the others)."""
+        if not self._layer_tickets or stream is None or layer <= self._layers_waited:
+            return
+        last = min(layer, self.num_layers - 1)
+        for t in self._layer_tickets:
+            stream.wait_event(t.layer_events[last])
+        self._layers_waited = last
+
+    def end_forward(self, stream: torch.cuda.Stream | None) -> list[int]:
+        """The forward pass is over: the requests whose pipelined loads it did not wait for in full
+        (it ran without layer hooks, so it may have read blocks before they arrived). Their loads
+        are waited for now, and layer-by-layer loading is switched off for good."""
+        tickets, waited = self._layer_tickets, self._layers_waited
+        self._layer_tickets, self._layers_waited = [], -1
+        if not tickets or waited >= self.num_layers - 1:
+            return []
+        for t in tickets:
+            if stream is not None and t.event is not None:
+                stream.wait_event(t.event)
+        self.pipelined = False
+        log.error("the forward pass did not wait for every layer's load; loading whole blocks from now on",
+                  rank=self.rank, layers_waited=waited + 1, layers=self.num_layers)
+        return sorted({t.op.request_id for t in tickets})
 
     def start_stores(self, ops: Sequence[Op], after: torch.cuda.Event | None) -> None:
         """Offload D2H and D2DISK ops once ``after`` (the forward-end event) has completed."""
@@ -526,7 +563,16 @@ class TransferEngine:
             ticket.fail(bad, "the host slot's last write failed")
         keep = np.ones(len(src), dtype=bool)
         keep[bad] = False
-        self.copier.copy(self.pool, dst[keep], host.slots, src[keep], src_segment=host.segment_slots, stream=stream)
+        if not (self.pipelined and stream is not None):
+            self.copier.copy(self.pool, dst[keep], host.slots, src[keep], src_segment=host.segment_slots, stream=stream)
+            return
+
+        def layer_copied(layer: int) -> None:
+            event = torch.cuda.Event()
+            event.record(stream)
+            ticket.layer_events.append(event)
+
+        self.copier.copy_by_layer(self.pool, dst[keep], host.slots, src[keep], self.num_layers, stream, layer_copied)
 
     # ------------------------------------------------------------------------------- I/O
     def _run_io(self, ticket: Ticket, deps: list[Ticket], src: np.ndarray, dst: np.ndarray,
