@@ -16,6 +16,7 @@ from kvbm_core.hookspecs import hookimpl
 from kvbm_core.interfaces import EvictionPolicy, Transport
 from kvbm_core.lru import PriorityLruEviction
 from kvbm_core.metrics import (  # noqa: F401  (hook implementations of the exporter)
+    kvbm_blocks_declined,
     kvbm_blocks_offloaded,
     kvbm_blocks_onboarded,
     kvbm_blocks_removed,

@@ -4,8 +4,9 @@ TRT-LLM builds the scheduler-side connector on rank 0 only, in the same process 
 worker, and hands both the same ``llm_args`` object. That object keys a :class:`LocalChannel`:
 
 - worker -> leader: the pool layout (``register_kv_caches``), operation results, how much of its
-  host tier is usable yet (:class:`~kvbm_core.ops.TierReady`), blocks a disk tier found at start
-  (restart safety);
+  host tier is usable yet (:class:`~kvbm_core.ops.TierReady`), how long its forward passes took
+  (:class:`~kvbm_core.ops.StepTiming`, rank 0 only), blocks a disk tier found at start (restart
+  safety);
 - leader -> worker: the :class:`WorkerConfig` (resolved settings and tier sizes).
 
 Workers of other ranks (other processes) have no leader here: they take the :class:`WorkerConfig`
@@ -25,7 +26,7 @@ import numpy as np
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
 from kvbm_core.link import LinkAddress
-from kvbm_core.ops import Op, OpResult, TierReady
+from kvbm_core.ops import Op, OpResult, StepTiming, TierReady
 from kvbm_core.settings.model import KvbmSettings, TierSpec
 
 
@@ -86,6 +87,7 @@ class LocalChannel:
         self._lock = threading.Lock()
         self._results: list[OpResult] = []
         self._ready: list[TierReady] = []
+        self._timings: list[StepTiming] = []
 
     def collect(self) -> None:
         worker = self.worker
@@ -112,6 +114,15 @@ class LocalChannel:
     def drain_ready(self) -> list[TierReady]:
         with self._lock:
             out, self._ready = self._ready, []
+        return out
+
+    def report_timing(self, timing: StepTiming) -> None:
+        with self._lock:
+            self._timings.append(timing)
+
+    def drain_timings(self) -> list[StepTiming]:
+        with self._lock:
+            out, self._timings = self._timings, []
         return out
 
 

@@ -118,6 +118,12 @@ def kvbm_transfer_failed(route: str, op_id: int, request_id: int, error: str) ->
 
 
 @hookspec
+def kvbm_blocks_declined(tier: str, request_id: int, num_blocks: int) -> None:
+    """Matched blocks of ``tier`` were not promised: loading them was predicted slower than
+    recomputing them (the cost model)."""
+
+
+@hookspec
 def kvbm_tier_service_changed(tier: str, in_service: bool, error: str) -> None:
     """A tier's device failed repeatedly and the tier was taken out of service (``in_service`` False,
     ``error`` the last failure), or it came back after a successful trial (see ``leader.breaker``)."""

@@ -103,6 +103,8 @@ class KvbmMetrics:
         )
         self.tier_blocks = Gauge("kvbm_tier_blocks", "Blocks readable in the tier", ["tier"], registry=r)
         self.tier_capacity = Gauge("kvbm_tier_capacity_blocks", "Slots of the tier per rank", ["tier"], registry=r)
+        self.declined_blocks = Counter("kvbm_declined_blocks", "Matched blocks not promised: slower to load than "
+                                       "to recompute, by tier", ["tier"], registry=r)
         self.tier_in_service = Gauge("kvbm_tier_in_service", "1 while the tier is used, 0 while its device failed",
                                      ["tier"], registry=r)
         self.recovery_discarded = Gauge("kvbm_tier_recovery_discarded_blocks",
@@ -116,6 +118,7 @@ class KvbmMetrics:
             self.tier_capacity.labels(tier).set(slots)
             self.tier_blocks.labels(tier).set(0)
             self.tier_in_service.labels(tier).set(1)
+            self.declined_blocks.labels(tier)
         r.register(CompatibilityCollector(self))
 
     # --------------------------------------------------------------------------- event updates
@@ -151,6 +154,9 @@ class KvbmMetrics:
 
     def removed(self, tier: str, count: int) -> None:
         self.tier_blocks.labels(tier).dec(count)
+
+    def declined(self, tier: str, num_blocks: int) -> None:
+        self.declined_blocks.labels(tier).inc(num_blocks)
 
     def service_changed(self, tier: str, in_service: bool) -> None:
         self.tier_in_service.labels(tier).set(1 if in_service else 0)
@@ -341,3 +347,9 @@ def kvbm_tier_service_changed(tier: str, in_service: bool, error: str) -> None:
 def kvbm_tier_recovered(tier: str, recovered: int, discarded: Mapping[str, int]) -> None:
     if _active is not None:
         _active.metrics.recovered(tier, discarded)
+
+
+@hookimpl
+def kvbm_blocks_declined(tier: str, request_id: int, num_blocks: int) -> None:
+    if _active is not None:
+        _active.metrics.declined(tier, num_blocks)

@@ -140,6 +140,14 @@ class StepOps:
 
 
 @dataclass(frozen=True)
+class StepTiming:
+    """How long rank 0's forward pass of step ``step`` took (the cost model learns prefill speed)."""
+
+    step: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class TierReady:
     """A rank's host tier can use its first ``slots`` slots now (it grows after start; never shrinks)."""
 

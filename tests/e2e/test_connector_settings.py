@@ -146,3 +146,14 @@ def test_blocks_are_held_only_where_the_engine_writes_them_outside_the_forward_p
     assert not _pins_finished_requests(llm_args(enable_partial_reuse=True, copy_on_partial_reuse=False))
     disaggregated = replace(llm_args(), cache_transceiver_config=SimpleNamespace(backend="UCX"))
     assert _pins_finished_requests(disaggregated)
+
+
+def test_the_leader_learns_prefill_speed_from_rank_0s_forward_passes(kvbm_run):
+    """Every forward pass is timed on rank 0 and reaches the cost model (steps that computed prompt
+    tokens and loaded nothing teach it the engine's prefill speed)."""
+    result = kvbm_run(conversations(users=4, turns=2, history=200), [{"kind": "cpu", "num_blocks": 256}],
+                      config=executor_config(max_seq_len=1024, max_num_tokens=1024))
+    result.assert_same_tokens()
+    cost = result.executor.scheduler._block_manager()._cost
+    assert cost.prefill.observed > 0
+    assert cost.prefill.tokens_per_s != 30_000  # the configured start was replaced by what was measured

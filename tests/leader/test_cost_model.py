@@ -129,3 +129,48 @@ def test_observed_slow_loads_turn_a_tier_off(make_bm):
         bm.finish(rid)
         rid += 1
     assert rid > 3 and bm.bandwidth_gbps("cpu") < 0.01
+
+
+# ------------------------------------------------------------------------------ learned prefill speed
+def test_prefill_speed_is_learned_from_forward_passes_including_the_context_term():
+    m = model()
+    a, b = 2e-5, 1e-9  # 50k tokens/s at position 0, attention adding 1 ns per token of context
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n, start = int(rng.integers(256, 8192)), int(rng.integers(0, 100_000))
+        position_sum = n * (start + (n - 1) / 2)
+        m.observe_step(n, position_sum, 1, a * n + b * position_sum)
+    assert abs(m.prefill.a - a) / a < 1e-3 and abs(m.prefill.b - b) / b < 1e-3
+    # a block deep in a long context costs more to recompute than one at the start
+    assert m.recompute_seconds(1, first_block=3000) > 2 * m.recompute_seconds(1, first_block=0)
+
+
+def test_decode_steps_and_steps_with_loads_teach_nothing():
+    m = model()
+    m.observe_step(64, 64 * 5000.0, 64, 0.5)  # a decode step: 64 requests, one token each
+    m.observe_step(4096, 4096 * 2048.0, 1, None)  # a step that loaded blocks: its time is not compute
+    assert m.prefill.observed == 0 and m.prefill.tokens_per_s == 32_000
+    off = model(learn_prefill=False)
+    off.observe_step(4096, 4096 * 2048.0, 1, 10.0)
+    assert off.prefill.tokens_per_s == 32_000
+
+
+def test_a_saturated_engine_weighs_recompute_up_to_twice():
+    s = CostModelSettings(prefill_tokens_per_s=32_000, fixed_overhead_s=0.0)
+    m = CostModel(s, 4 * MB, 32, {"cpu": 50.0, "disk": 2.4}, capacity=(8192, 8))
+    # disk: 1.67 ms per block against 1 ms of recompute: not worth it on an idle engine
+    assert m.best_prefix(np.ones(10, np.int8), KINDS) == 0
+    for _ in range(32):
+        m.observe_step(8192, 8192 * 4096.0, 3, None)  # every step filled max_num_tokens
+    assert m.busy_weight == 2.0
+    assert m.best_prefix(np.ones(10, np.int8), KINDS) == 10  # the GPU is the bottleneck: load
+
+
+def test_declined_blocks_are_counted_per_tier(make_bm):
+    prompt = list(range(4 * 10 + 1))
+    s = make_settings(16, 32, cost=True, cost_model={"enabled": True, "bandwidth_gbps": {"disk": 1e-6}})
+    bm = make_bm(s)
+    bm.recovered("disk", np.arange(10), block_keys(bm.namespace, prompt))
+    assert bm.match(2, prompt, 0).num_tokens == 0
+    assert bm.stats.declined_blocks == {"disk": 10}
+    bm.finish(2)

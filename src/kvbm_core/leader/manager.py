@@ -79,7 +79,7 @@ from kvbm_core.errors import KvbmError
 from kvbm_core.identity import KeySpace, Namespace, RequestScope, dynamo_salt_hash, keys_array
 from kvbm_core.layout import BlockLayout
 from kvbm_core.leader.breaker import TierBreaker
-from kvbm_core.leader.cost_model import CostModel
+from kvbm_core.leader.cost_model import CostModel, StepWork
 from kvbm_core.leader.disk_offload import DiskOffloader
 from kvbm_core.leader.invariants import check_invariants
 from kvbm_core.leader.planned_op import PlannedOp
@@ -103,6 +103,9 @@ MAX_SCOPES_CACHED = 4096
 
 MAX_FAILED_REMEMBERED = 65_536
 """How many failed request ids :attr:`BlockManager.failed_requests` keeps (oldest dropped first)."""
+
+MAX_STEPS_REMEMBERED = 256
+"""Steps whose forward-pass time may still arrive (rank 0 reports it a step or two later)."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,8 @@ class BlockManager:
 
     def __init__(self, settings: KvbmSettings, layout: BlockLayout, *, world_size: int, model_id: str,
                  registry: Registry, weights: str = "", clock: Callable[[], float] = time.monotonic,
-                 link: LinkAddress | None = None, stager: Stager | None = None, host_grows: bool = False) -> None:
+                 link: LinkAddress | None = None, stager: Stager | None = None, host_grows: bool = False,
+                 engine_capacity: tuple[int, int] | None = None) -> None:
         self.settings = settings
         self.layout = layout
         self.world_size = world_size
@@ -170,7 +174,9 @@ class BlockManager:
             if self.disk is not None else None
         self.worker_config = WorkerConfig(settings, tiers.allocations, self.namespace.digest, world_size, link)
         self._cost = CostModel(settings.cost_model, layout.bytes_per_block, layout.tokens_per_block, tiers.read_gbps,
-                               host_kind=self.host.kind if self.host is not None else None)
+                               host_kind=self.host.kind if self.host is not None else None,
+                               capacity=engine_capacity)
+        self._work: OrderedDict[int, StepWork] = OrderedDict()  # step -> what it computed, until timed
         self._stager = stager
         self._min_priority = settings.host_offload_prefix_min_priority
         self._spaces: dict[RequestScope, tuple[KeySpace, int]] = {}
@@ -238,6 +244,13 @@ class BlockManager:
                              disk_tokens=result.disk_blocks * tpb)
         return result
 
+    def observe_forward(self, step: int, seconds: float) -> None:
+        """Rank 0 timed step ``step``'s forward pass: the cost model learns the engine's prefill speed
+        from it (from steps that loaded nothing) and how busy the engine is."""
+        work = self._work.pop(step, None)
+        if work is not None:
+            self._cost.observe_step(work.tokens, work.position_sum, work.requests, None if work.loads else seconds)
+
     def tier_ready(self, rank: int, kind: str, slots: int) -> None:
         """Rank ``rank``'s ``kind`` tier can use its first ``slots`` slots: the leader uses as many as
         every rank can (a rank not heard from yet counts as none)."""
@@ -279,8 +292,9 @@ class BlockManager:
         else:
             slots, in_host = np.full(n, ABSENT, np.int64), np.zeros(n, bool)
         if in_host.all():  # the common case of a host hit: one tier, no per-block choice
-            k = self._cost.best_run(n, self._kinds[HOST])
+            k = self._cost.best_run(n, self._kinds[HOST], start)
             if k == 0:
+                self._declined(req, {self._kinds[HOST]: n})
                 return NO_MATCH
             return self._promise(req, keys[:k], slots[:k], 0)
         codes = np.full(n, MISS, np.int8)
@@ -293,7 +307,11 @@ class BlockManager:
             slots[rest[ok]] = found[ok]
         misses = np.flatnonzero(codes == MISS)
         run = int(misses[0]) if len(misses) else n
-        k = self._cost.best_prefix(codes[:run], self._kinds)
+        k = self._cost.best_prefix(codes[:run], self._kinds, start)
+        if k < run:
+            dropped = codes[k:run]
+            self._declined(req, {kind: int(np.count_nonzero(dropped == code))
+                                 for code, kind in ((HOST, self._kinds[HOST]), (DISK, self._kinds[DISK]))})
         if k == 0:
             return NO_MATCH
         codes, slots, keys = codes[:k], slots[:k].copy(), keys[:k]
@@ -305,6 +323,17 @@ class BlockManager:
         if k == 0:
             return NO_MATCH
         return self._promise(req, keys[:k], slots[:k], staged, held=True)
+
+    def _declined(self, req: RequestSlot, counts: dict[str, int]) -> None:
+        """Matched blocks the cost model did not promise: loading them was predicted slower than
+        recomputing them."""
+        for kind, n in counts.items():
+            if n:
+                self._stats.declined[kind] = self._stats.declined.get(kind, 0) + n
+                self.registry.notify("kvbm_blocks_declined", tier=kind, request_id=req.request_id, num_blocks=n)
+        log.debug("matched blocks declined: slower to load than to recompute", request_id=req.request_id,
+                  declined=counts, prefill_tokens_per_s=round(self._cost.prefill.tokens_per_s),
+                  busy_weight=round(self._cost.busy_weight, 2))
 
     def _promise(self, req: RequestSlot, keys: np.ndarray, slots: np.ndarray, staged: int, *,
                  held: bool = False) -> Match:
@@ -393,10 +422,13 @@ class BlockManager:
         handed out in this step (every request's ``new_block_ids``), passed on to the workers."""
         planned: list[PlannedOp] = []
         self._emit_onboards(planned)
+        loads = bool(planned)
         candidates: list[tuple[RequestSlot, int, int]] = []
         requests, tpb, finished = self._requests, self.tokens_per_block, RequestPhase.FINISHED
+        work = StepWork(len(new_requests) + len(cached_requests))
         for reports, first in ((new_requests, True), (cached_requests, False)):
             for report in reports:  # the common case (a running request, one new token) stays inline
+                work.add(report.computed_position, report.num_scheduled_tokens)
                 req = requests.get(report.request_id)
                 if req is None or not req.reported:
                     if not first:  # its deltas cannot be placed: never hash (or store) them
@@ -436,6 +468,10 @@ class BlockManager:
             config, self._config_sent = self.worker_config, True
         step = self._step
         self._step += 1
+        work.loads = loads
+        self._work[step] = work
+        while len(self._work) > MAX_STEPS_REMEMBERED:
+            self._work.popitem(last=False)
         return StepOps.build(step, [(op.op_id, op.route, op.request_id, op.src, op.dst, op.keys) for op in planned],
                              worker_config=config, fresh_blocks=np.asarray(fresh_blocks, np.int64))
 

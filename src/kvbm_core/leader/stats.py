@@ -33,6 +33,7 @@ class LeaderStats:
     disk_hit_rate: float = 0.0
     failed_ops: int = 0
     window_requests: int = 0
+    declined_blocks: dict[str, int] = field(default_factory=dict)  # per tier kind: matched, not worth loading
 
     @property
     def offload_blocks_d2h(self) -> int:
@@ -97,6 +98,7 @@ class StatsBook:
         self.requested_tokens = 0
         self.blocks: dict[Route, int] = {r: 0 for r in Route}
         self.failed_ops = 0
+        self.declined: dict[str, int] = {}  # tier kind -> matched blocks not promised (cost model)
         self.window = HitRateWindow(max_requests)
 
     def snapshot(self) -> LeaderStats:
@@ -108,4 +110,5 @@ class StatsBook:
             disk_hit_rate=self.window.disk_rate,
             failed_ops=self.failed_ops,
             window_requests=len(self.window),
+            declined_blocks=dict(self.declined),
         )

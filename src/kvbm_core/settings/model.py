@@ -94,12 +94,14 @@ class MetricsSettings(_Strict):
 class CostModelSettings(_Strict):
     """Figures for cost-aware matching: a tier whose load is slower than recompute is not used.
 
-    ``prefill_tokens_per_s`` is the engine's recompute speed; ``bandwidth_gbps`` maps a tier kind to
+    ``prefill_tokens_per_s`` is the engine's recompute speed at start (then learned from its forward
+    passes unless ``learn_prefill`` is false); ``bandwidth_gbps`` maps a tier kind to
     its onboard bandwidth per rank (defaults come from the tier plugin, then from observed transfers).
     """
 
     enabled: bool = True
     prefill_tokens_per_s: float = Field(default=30_000.0, gt=0, allow_inf_nan=False)
+    learn_prefill: bool = True  # fit the engine's recompute time from its own forward passes
     bandwidth_gbps: dict[str, PositiveFinite] = Field(default_factory=dict)
     fixed_overhead_s: float = Field(default=0.0005, ge=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -72,7 +73,7 @@ from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
 from kvbm_core.link import LeaderLink, LinkError, WorkerLink
 from kvbm_core.logging import configure as configure_logging
-from kvbm_core.ops import BACKGROUND, LOADS, STORES, OpResult, StepOps, TierReady
+from kvbm_core.ops import BACKGROUND, LOADS, STORES, OpResult, StepOps, StepTiming, TierReady
 from kvbm_core.registry import default_registry
 from kvbm_core.settings import KvbmSettings, resolve_settings
 from kvbm_core.storage import BlockFileStorage, RecoveryReport
@@ -128,6 +129,12 @@ def _configure_logging(settings: KvbmSettings) -> None:
 
 def _model_id(llm_args: Any) -> str:
     return str(getattr(llm_args, "model", "") or "")
+
+
+def _capacity(llm_args: Any) -> tuple[int, int] | None:
+    """``(max_num_tokens, max_batch_size)``: a step that fills either is a busy engine's."""
+    tokens, batch = getattr(llm_args, "max_num_tokens", None), getattr(llm_args, "max_batch_size", None)
+    return (int(tokens), int(batch)) if tokens and batch else None
 
 
 def _log_fingerprint(fingerprint: Fingerprint, mode: str) -> None:
@@ -227,6 +234,7 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                 link=self._link.address if self._link is not None else None,
                 stager=_RankStager(self._channel, self._link, self._world_size),
                 host_grows=True,
+                engine_capacity=_capacity(self._llm_args),
             )
             config = self._manager.worker_config
             self._pipeline = PipelineInfo(self._resolved.settings, config.tiers, layout, self._world_size)
@@ -272,6 +280,8 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
         self._channel.collect()
         for ready in self._channel.drain_ready():
             self._manager.tier_ready(ready.rank, ready.kind, ready.slots)
+        for timing in self._channel.drain_timings():
+            self._manager.observe_forward(timing.step, timing.seconds)
         self._manager.apply_results(self._channel.drain())
         return self._manager
 
@@ -394,6 +404,8 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._failed_loads: dict[int, str] = {}  # request -> why its promised blocks did not load
         self._host_kind: str | None = None
         self._ready_sent = -1  # host slots last reported usable
+        self._timing_start: tuple[int, Any] | None = None
+        self._timings: deque[tuple[int, Any, Any]] = deque(maxlen=64)  # (step, start, end) marks
         self._results_lock = threading.Lock()
         self._link: WorkerLink | None = None
         self._closed = False
@@ -456,6 +468,7 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         self._loads_started_for = ops.step
         compute = stream if self._pool is not None and self._pool.is_cuda else None
         self._engine.order_engine_writes(ops.fresh_blocks, compute)
+        self._start_timing(ops.step, compute)
         loads = ops.select(LOADS)
         if loads:
             self._failed_loads.update(self._engine.start_loads(loads, compute))
@@ -499,6 +512,7 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         ops = self._current_ops()
         if ops is None or self._forward_end[0] == ops.step:
             return
+        self._end_timing(ops.step, stream)
         unwaited = self._engine.end_forward(stream)
         if unwaited:  # the forward pass may have read blocks before they arrived: fail them, never serve them
             self._failed_loads.update({r: "the forward pass ran without waiting for every layer's load"
@@ -508,6 +522,22 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
             event = torch.cuda.Event()
             event.record(stream)
         self._forward_end = (ops.step, event)
+
+    # -- forward-pass timing (rank 0 of the leader's process: the cost model's prefill speed) -------
+    def _start_timing(self, step: int, stream: torch.cuda.Stream | None) -> None:
+        if self._rank != 0 or self._link is not None:
+            return
+        self._timing_start = (step, _mark(stream))
+
+    def _end_timing(self, step: int, stream: torch.cuda.Stream | None) -> None:
+        if self._timing_start is not None and self._timing_start[0] == step:
+            self._timings.append((step, self._timing_start[1], _mark(stream)))
+        self._timing_start = None
+
+    def _report_timings(self) -> None:
+        while self._timings and _done(self._timings[0][2]):
+            step, start, end = self._timings.popleft()
+            self._channel.report_timing(StepTiming(step, _elapsed(start, end)))
 
     def _start_stores(self) -> None:
         ops = self._current_ops()
@@ -567,6 +597,7 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
         with self._results_lock:
             self._report(self._engine.poll())
             self._report_readiness()
+            self._report_timings()
 
     def _report_readiness(self) -> None:
         """The host tier grows after start (:attr:`HostStorage.ready_slots`): report each increase."""
@@ -625,6 +656,25 @@ class KvbmConnectorWorker(KvCacheConnectorWorker):
             self._link.close()
         for tier in self._tiers.values():
             self._registry.close(tier)
+
+
+def _mark(stream: torch.cuda.Stream | None) -> Any:
+    """A point in time: a timing event on ``stream`` (CUDA), else the host clock."""
+    if stream is None:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
+
+
+def _done(mark: Any) -> bool:
+    return not isinstance(mark, torch.cuda.Event) or mark.query()
+
+
+def _elapsed(start: Any, end: Any) -> float:
+    if isinstance(start, torch.cuda.Event):
+        return start.elapsed_time(end) / 1e3
+    return end - start
 
 
 def _close_weakly(ref: "weakref.ref[Any]") -> None:
