@@ -6,6 +6,9 @@ every call bounded by ``timeout_s``. Options (``transport_options.etcd``)::
     endpoints: ["http://127.0.0.1:2379"]   # tried in order; the first that answers is used
     timeout_s: 5                           # connect and per-call deadline
     prefix: "kvbm/"                        # every key lives under this prefix
+    registration:                          # the leader's instance record (kvbm_core.cluster.registration)
+      enabled: true
+      lease_ttl_s: 10                      # the record disappears this long after the process dies
 
 TLS and authentication are not supported yet (an ``https://`` endpoint is a configuration error).
 """
@@ -29,12 +32,22 @@ DEFAULT_PORT = 2379
 log = get_logger("kvbm.transport.etcd")
 
 
+class RegistrationOptions(BaseModel):
+    """``transport_options.etcd.registration``: the record of :mod:`kvbm_core.cluster.registration`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    lease_ttl_s: int = Field(default=10, ge=2, le=3600)
+
+
 class EtcdOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     endpoints: list[str] = Field(default_factory=lambda: [f"http://127.0.0.1:{DEFAULT_PORT}"], min_length=1)
     timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     prefix: str = "kvbm/"
+    registration: RegistrationOptions = Field(default_factory=RegistrationOptions)
 
     @field_validator("endpoints")
     @classmethod
@@ -125,14 +138,19 @@ class EtcdTransport(Transport):
             raise TransportError("etcd", self.endpoint, f"{what} failed: {reason(exc)}") from exc
 
     async def _connect(self) -> tuple[Any, str]:
-        failures = []
-        for endpoint in self.options.endpoints:
-            try:
-                client, _ = await _open(endpoint, self.options.timeout_s)
-                return client, endpoint
-            except Exception as exc:
-                failures.append(f"{endpoint}: {reason(exc)}")
-        raise TransportError("etcd", ", ".join(self.options.endpoints), "no endpoint answered (" + "; ".join(failures) + ")")
+        return await open_client(self.options)
+
+
+async def open_client(options: EtcdOptions) -> tuple[Any, str]:
+    """A connected client on the first endpoint that answers, and that endpoint."""
+    failures = []
+    for endpoint in options.endpoints:
+        try:
+            client, _ = await _open(endpoint, options.timeout_s)
+            return client, endpoint
+        except Exception as exc:
+            failures.append(f"{endpoint}: {reason(exc)}")
+    raise TransportError("etcd", ", ".join(options.endpoints), "no endpoint answered (" + "; ".join(failures) + ")")
 
 
 async def _open(endpoint: str, timeout_s: float) -> tuple[Any, str]:

@@ -6,6 +6,14 @@ short and hand work off. Options (``transport_options.nats``)::
 
     servers: ["nats://127.0.0.1:4222"]     # the client picks one and fails over to the others
     timeout_s: 5                           # connect and per-call deadline
+    kv_events:                             # the leader's KV-event publisher (kvbm_core.cluster)
+      enabled: true
+      subject: kv-events                   # Dynamo's KV_EVENT_SUBJECT; resync requests: <subject>.resync
+      worker_id: null                      # the router's worker id; null: a random one per start
+      queue_size: 10000                    # hook calls waiting for the publisher thread; more are dropped
+      flush_interval_s: 0.05               # how often queued events are published (Dynamo: 50 ms)
+      resync_interval_s: 60                # every held block re-announced this often; 0: only on demand
+      max_blocks_per_event: 4096           # larger batches are split (a NATS message is at most 1 MB)
 
 TLS and credentials are not supported yet (a ``tls://`` server is a configuration error).
 """
@@ -27,10 +35,26 @@ from kvbm_core.transports.loop import BackgroundLoop
 from kvbm_core.transports.options import parse_options, reason, split_address
 
 DEFAULT_PORT = 4222
+SUBJECT_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+"""A NATS subject to publish on: dot-separated tokens, no wildcards or spaces."""
 log = get_logger("kvbm.transport.nats")
 
 MessageHandler = Callable[[str, bytes], None]
 """Called with ``(subject, payload)`` for each message, on the transport's loop thread."""
+
+
+class KvEventOptions(BaseModel):
+    """``transport_options.nats.kv_events``: the publisher of :mod:`kvbm_core.cluster.kv_events`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    subject: str = Field(default="kv-events", pattern=SUBJECT_PATTERN)
+    worker_id: int | None = Field(default=None, ge=0, le=2**64 - 1)
+    queue_size: int = Field(default=10_000, ge=1, le=10_000_000)
+    flush_interval_s: float = Field(default=0.05, gt=0, le=10, allow_inf_nan=False)
+    resync_interval_s: float = Field(default=60.0, ge=0, le=86_400, allow_inf_nan=False)
+    max_blocks_per_event: int = Field(default=4096, ge=1, le=10_000)
 
 
 class NatsOptions(BaseModel):
@@ -38,6 +62,7 @@ class NatsOptions(BaseModel):
 
     servers: list[str] = Field(default_factory=lambda: [f"nats://127.0.0.1:{DEFAULT_PORT}"], min_length=1)
     timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    kv_events: KvEventOptions = Field(default_factory=KvEventOptions)
 
     @field_validator("servers")
     @classmethod
@@ -158,16 +183,22 @@ class NatsTransport(Transport):
             raise TransportError("nats", self.server, f"{what} failed: {reason(exc)}") from exc
 
 
+def import_client(options: NatsOptions) -> Any:
+    """The nats-py module, imported on first use: only clusters that select the transport need it."""
+    try:
+        import nats
+    except ImportError:
+        raise TransportError("nats", ", ".join(options.servers), "the nats-py package is not installed (pip install 'kvbm-core[cluster]')") from None
+    return nats
+
+
 async def _connect(options: NatsOptions, errors: list[str], long_lived: bool) -> Any:
     """Connect, recording each connection error in ``errors``. A long-lived connection keeps
     reconnecting forever; a probe tries each server twice and gives up.
 
     nats-py retries the first connect as long as it would reconnect, so the caller bounds the wait.
     """
-    try:
-        import nats  # imported here: only clusters that select the transport need the client
-    except ImportError:
-        raise TransportError("nats", ", ".join(options.servers), "the nats-py package is not installed (pip install 'kvbm-core[cluster]')") from None
+    nats = import_client(options)
 
     async def on_error(exc: Exception) -> None:
         errors.append(reason(exc))
