@@ -35,12 +35,11 @@ STORAGE_TIER = {"cpu": "host_pinned", "disk": "disk"}
 
 
 # ------------------------------------------------------------------------------------ servers
-def restart(server: Any, down_s: float = 0.0) -> None:
-    """Stop ``server`` (a tests/conftest.py ServerProcess), wait ``down_s``, start it again on the same
+def restart(server: Any) -> None:
+    """Stop ``server`` (a tests/conftest.py ServerProcess) if it runs, start it again on the same
     command line (port, data directory), and wait until it answers."""
     argv = list(server.proc.args)
     server.stop()
-    time.sleep(down_s)
     ready = (lambda: _nats_ready(server.port)) if server.name == "nats" else (lambda: _etcd_healthy(server.url))
     server.launch(argv, ready)
 

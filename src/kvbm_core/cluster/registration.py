@@ -88,8 +88,9 @@ class InstanceRegistration:
                 self.registered = False
                 if not self._lost_reported:
                     self._lost_reported = True
-                    log.warning("registration: etcd unreachable; the engine serves on, the record comes back "
-                                "when etcd answers", endpoints=", ".join(self.options.endpoints), error=reason(exc))
+                    log.warning("registration lost (etcd unreachable or lease expired); the engine serves on, "
+                                "the record comes back when etcd answers", endpoints=", ".join(self.options.endpoints),
+                                error=reason(exc))
                 await self._close_client()
                 await self._stopped_within(RETRY_S)
 
