@@ -159,15 +159,23 @@ class NatsTransport(Transport):
     # ------------------------------------------------------------------------------ doctor
     @classmethod
     def diagnose(cls, settings: KvbmSettings) -> list[CheckResult]:
+        """One row per server. The engine starts without NATS (its KV events begin once a server
+        answers), so a server that does not answer, or loses a message, is a warning."""
         options = nats_options(settings)
         rows = []
         for server in options.servers:
-            single = NatsOptions(servers=[server], timeout_s=options.timeout_s)
+            name = f"nats {server}"
             try:
-                version = asyncio.run(_probe(single))
-                rows.append(CheckResult(f"nats {server}", "pass", f"reachable, nats-server {version}"))
+                version, max_payload = asyncio.run(_probe(options.model_copy(update={"servers": [server]})))
             except Exception as exc:
-                rows.append(CheckResult(f"nats {server}", "fail", f"unreachable: {reason(exc)}"))
+                rows.append(CheckResult(name, "warn", f"unreachable: {reason(exc)}; the engine serves without KV "
+                                                      "events until a server answers"))
+                continue
+            events = options.kv_events
+            use = (f"KV events on {events.subject!r}" if events.enabled
+                   else "KV events are off (transport_options.nats.kv_events)")
+            rows.append(CheckResult(name, "pass", f"reachable, nats-server {version}; a message made the round "
+                                                  f"trip (max payload {max_payload} bytes); {use}"))
         return rows
 
     # ---------------------------------------------------------------------------- internals
@@ -216,14 +224,23 @@ async def _connect(options: NatsOptions, errors: list[str], long_lived: bool) ->
     )
 
 
-async def _probe(options: NatsOptions) -> str:
+async def _probe(options: NatsOptions) -> tuple[str, int]:
+    """The server's version and max payload, once a message published on a private inbox subject
+    came back through a subscription (nothing is published on the KV-event subject)."""
     errors: list[str] = []
     try:
         nc = await asyncio.wait_for(_connect(options, errors, long_lived=False), options.timeout_s)
     except Exception as exc:
         raise ConnectionError(errors[-1] if errors else reason(exc)) from exc
     try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(inbox, b"kvbm doctor")
+        try:
+            await sub.next_msg(timeout=options.timeout_s)
+        except Exception as exc:
+            raise ConnectionError(f"a message published on {inbox} did not come back") from exc
         v = nc.connected_server_version
-        return f"{v.major}.{v.minor}.{v.patch}"
+        return f"{v.major}.{v.minor}.{v.patch}", nc.max_payload
     finally:
         await nc.close()
