@@ -1,30 +1,33 @@
 """The leader's KV-event publisher: router events (:mod:`.router_events`) over NATS, from its own thread.
 
 **On the leader's thread** (:meth:`KvEventPublisher.stored` / :meth:`~KvEventPublisher.removed`,
-called from the event hooks) the publisher only updates, under one lock, its record of which
-sequence hashes each tier holds (one ``set.update``) and appends the change to a bounded queue: no
-encoding, no I/O, no wait. When ``queue_size`` changes are already waiting, the change is dropped,
-counted (``kvbm_kv_events_dropped_blocks_total``) and a resynchronisation is asked for: the record
-stays true, the subscribers are told again.
+called from the event hooks) a change is one copy of the hook's hash array appended to a bounded
+queue, under a lock the publisher thread takes only to swap the queue out: no per-block work, no
+encoding, no I/O, no wait. When ``queue_size`` changes are already waiting, the queue is full: the
+changes that follow go to an overflow record instead (net state per block and tier, until the
+publisher thread takes it), counted in ``kvbm_kv_events_dropped_blocks_total``: they are not
+published as events, and a resynchronisation follows. So the publisher's view of the tiers stays
+exact even when events are dropped.
 
 **On the publisher's thread** (``kvbm-kv-events``, its own asyncio loop) every ``flush_interval_s``
-the queue is taken whole; consecutive changes of one tier are merged, stored blocks are grouped into
-chains (parents and local hashes from :mod:`.lineage`) and each event is published as one message
-on ``subject``, then the connection is flushed once.
+the queue (and any overflow record) is taken whole and applied to the publisher's record of which
+sequence hashes each tier holds; consecutive changes of one tier are merged, stored blocks are
+grouped into chains (parents and local hashes from :mod:`.lineage`), and each event is published as
+one message on ``subject``; then the connection is flushed once.
 
-**Resynchronisation** publishes ``cleared``, then ``stored`` for every block the record holds. The
-record is copied and the queue emptied under the same lock, so every change after the copy follows
-it in order. It happens on every connect and reconnect (what was published while the server was
-away is lost), after a drop, when any message arrives on ``<subject>.resync`` (a subscriber that
-has just (re)connected asks for one), and every ``resync_interval_s`` for subscribers that cannot
-ask (0: never).
+**Resynchronisation** publishes ``cleared``, then ``stored`` for every block the record holds, from
+the publisher's thread after it applied every change taken so far (later changes follow it in
+order). It happens on every connect and reconnect (what was published while the server was away is
+lost), after an overflow, when any message arrives on ``<subject>.resync`` (a subscriber that has
+just (re)connected asks for one), and every ``resync_interval_s`` for subscribers that cannot ask
+(0: never).
 
 **An unreachable server** is retried forever by the client, in the background. The publisher logs
 one warning when it loses the server (or never reaches it) and one line when it is back; changes
 meanwhile are recorded, not published (the resynchronisation covers them).
 
-**Close** publishes a final ``cleared`` (this instance holds nothing any more) and disconnects,
-within ``timeout_s``.
+**Close** publishes what is queued and a final ``cleared`` (this instance holds nothing any more),
+and disconnects, within ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -71,11 +74,8 @@ class PublisherCounts:
     unannounced_blocks: int = 0  # stored blocks whose lineage was unknown (never announced)
 
 
-def _nonzero(seq_hashes: np.ndarray) -> list[int]:
-    """The hook's hashes as Python ints, without the 0s of blocks whose tokens are unknown."""
-    if len(seq_hashes) and not seq_hashes.all():
-        seq_hashes = seq_hashes[seq_hashes != 0]
-    return seq_hashes.tolist()
+Change = tuple[str, str, np.ndarray]
+"""``(STORED or REMOVED, tier kind, sequence hashes)`` as the hook passed them."""
 
 
 class KvEventPublisher:
@@ -89,12 +89,14 @@ class KvEventPublisher:
         self.worker_id = worker_id
         self.counts = PublisherCounts()
         self._storage_tiers = {kind: router_events.storage_tier(level) for kind, level in tier_levels.items()}
-        self._held: dict[str, set[int]] = {kind: set() for kind in tier_levels}
-        self._queue: deque[tuple[str, str, list[int]]] = deque()
         self._lock = threading.Lock()
+        self._queue: deque[Change] = deque()
+        self._overflow: dict[str, dict[int, bool]] | None = None  # tier -> {hash: held}, while the queue is full
         self._resync_wanted = True
         self._pending = pending
-        self._known: dict[int, Lineage] = {}  # lineage of blocks a tier holds (publisher thread only)
+        # Publisher thread only: what each tier holds, and the lineage of those blocks.
+        self._held: dict[str, set[int]] = {kind: set() for kind in tier_levels}
+        self._known: dict[int, Lineage] = {}
         self._event_id = 0
         self._nc: Any = None
         self.connected = False
@@ -106,37 +108,23 @@ class KvEventPublisher:
 
     # ------------------------------------------------------------------- the leader's thread
     def stored(self, tier: str, seq_hashes: np.ndarray) -> None:
-        hashes = _nonzero(seq_hashes)
-        if hashes:
-            with self._lock:
-                self._held_in(tier).update(hashes)
-                self._enqueue(STORED, tier, hashes)
+        self._change(STORED, tier, seq_hashes)
 
     def removed(self, tier: str, seq_hashes: np.ndarray) -> None:
-        hashes = _nonzero(seq_hashes)
-        if hashes:
-            with self._lock:
-                self._held_in(tier).difference_update(hashes)
-                self._enqueue(REMOVED, tier, hashes)
+        self._change(REMOVED, tier, seq_hashes)
 
-    def held(self) -> dict[str, set[int]]:
-        """A copy of the record: the sequence hashes each tier holds now."""
+    def _change(self, kind: str, tier: str, seq_hashes: np.ndarray) -> None:
+        if not len(seq_hashes):
+            return
         with self._lock:
-            return {tier: set(hashes) for tier, hashes in self._held.items()}
-
-    def _held_in(self, tier: str) -> set[int]:
-        found = self._held.get(tier)
-        if found is None:  # a tier the pipeline did not list (none today): publish it as external
-            found = self._held[tier] = set()
-            self._storage_tiers.setdefault(tier, router_events.EXTERNAL)
-        return found
-
-    def _enqueue(self, kind: str, tier: str, hashes: list[int]) -> None:
-        if len(self._queue) >= self.events.queue_size:
-            self.counts.dropped_blocks += len(hashes)
-            self._resync_wanted = True
-        else:
-            self._queue.append((kind, tier, hashes))
+            if self._overflow is None and len(self._queue) < self.events.queue_size:
+                self._queue.append((kind, tier, seq_hashes.copy()))
+                return
+            if self._overflow is None:
+                self._overflow = {}
+            held = kind == STORED
+            self._overflow.setdefault(tier, {}).update(dict.fromkeys(seq_hashes.tolist(), held))
+            self.counts.dropped_blocks += len(seq_hashes)
 
     # ------------------------------------------------------------------------------- lifetime
     def start(self) -> None:
@@ -155,9 +143,6 @@ class KvEventPublisher:
         finally:
             self._loop.stop()
 
-    def request_resync(self) -> None:
-        self._resync_wanted = True
-
     # ----------------------------------------------------------------------- publisher thread
     async def _run(self) -> None:
         self._stop = asyncio.Event()
@@ -174,24 +159,33 @@ class KvEventPublisher:
 
     async def _tick(self) -> None:
         with self._lock:
-            items = list(self._queue)
+            changes = list(self._queue)
             self._queue.clear()
-        publish = self.connected and not self._resync_wanted
-        await self._process(items, publish)
+            overflow, self._overflow = self._overflow, None
+        self._pending.absorb()
+        publish = self.connected and not self._resync_wanted and overflow is None
+        await self._apply(changes, publish)
+        if overflow is not None:
+            self._apply_overflow(overflow)
+            self._resync_wanted = True
         due = self.events.resync_interval_s > 0 and time.monotonic() - self._last_resync >= self.events.resync_interval_s
         if self.connected and (self._resync_wanted or due):
             await self._resync()
 
-    async def _process(self, items: list[tuple[str, str, list[int]]], publish: bool) -> None:
-        """Learn the lineage of stored blocks, forget that of blocks no tier holds, and publish."""
+    async def _apply(self, changes: list[Change], publish: bool) -> None:
+        """Update the record (learning the lineage of stored blocks, forgetting that of blocks no
+        tier holds), and publish the changes as events when ``publish``."""
         out: list[bytes] = []
-        for kind, tier, hashes in _merged(items):
+        for kind, tier, hashes in _merged(changes):
+            held = self._held_in(tier)
             if kind == STORED:
                 runs, missing = router_events.chains(hashes, self._lineage)
                 self.counts.unannounced_blocks += missing
+                held.update(h for _, blocks in runs for h, _ in blocks)
                 if publish:
                     out += self._stored_events(tier, runs)
             else:
+                held.difference_update(hashes)
                 self._forget(hashes)
                 if publish:
                     for start in range(0, len(hashes), _MAX_REMOVED_PER_EVENT):
@@ -200,22 +194,34 @@ class KvEventPublisher:
         if out:
             await self._publish(out)
 
-    async def _resync(self) -> None:
-        with self._lock:
-            held = {tier: list(hashes) for tier, hashes in self._held.items()}
-            items = list(self._queue)
-            self._queue.clear()
-            self._resync_wanted = False
-        await self._process(items, publish=False)
-        out = [router_events.cleared(self.worker_id, self._next_id())]
-        for tier, hashes in held.items():
-            runs, missing = router_events.chains(hashes, self._lineage)
+    def _apply_overflow(self, overflow: dict[str, dict[int, bool]]) -> None:
+        for tier, states in overflow.items():
+            added = [h for h, present in states.items() if present and h]
+            gone = [h for h, present in states.items() if not present]
+            runs, missing = router_events.chains(added, self._lineage)
             self.counts.unannounced_blocks += missing
+            held = self._held_in(tier)
+            held.update(h for _, blocks in runs for h, _ in blocks)
+            held.difference_update(gone)
+            self._forget(gone)
+
+    async def _resync(self) -> None:
+        self._resync_wanted = False
+        out = [router_events.cleared(self.worker_id, self._next_id())]
+        for tier, hashes in self._held.items():
+            runs, missing = router_events.chains(hashes, self._lineage)
             out += self._stored_events(tier, runs)
         self.counts.resyncs += 1
         self._last_resync = time.monotonic()
-        log.debug("kv events: resynchronised", blocks=sum(map(len, held.values())), events=len(out))
+        log.debug("kv events: resynchronised", blocks=sum(map(len, self._held.values())), events=len(out))
         await self._publish(out)
+
+    def _held_in(self, tier: str) -> set[int]:
+        found = self._held.get(tier)
+        if found is None:  # a tier the pipeline did not list (none today): published as external
+            found = self._held[tier] = set()
+            self._storage_tiers.setdefault(tier, router_events.EXTERNAL)
+        return found
 
     def _stored_events(self, tier: str, runs: list[router_events.Run]) -> list[bytes]:
         name = self._storage_tiers[tier]
@@ -231,7 +237,7 @@ class KvEventPublisher:
         return found
 
     def _forget(self, hashes: list[int]) -> None:
-        """Drop the lineage of blocks no tier holds any more (set lookups are atomic under the GIL)."""
+        """Drop the lineage of blocks no tier holds any more."""
         tiers = list(self._held.values())
         known = self._known
         for h in hashes:
@@ -320,16 +326,17 @@ class KvEventPublisher:
             await self._nc.close()
 
 
-def _merged(items: list[tuple[str, str, list[int]]]) -> Iterator[tuple[str, str, list[int]]]:
-    """Consecutive changes of the same kind and tier as one (order between the others kept)."""
+def _merged(changes: list[Change]) -> Iterator[tuple[str, str, list[int]]]:
+    """Consecutive changes of the same kind and tier as one list of hashes, without the 0s of
+    blocks whose tokens are unknown (the order between the others is kept)."""
     kind = tier = None
     hashes: list[int] = []
-    for k, t, h in items:
+    for k, t, h in changes:
         if (k, t) != (kind, tier):
             if hashes:
                 yield kind, tier, hashes  # type: ignore[misc]
             kind, tier, hashes = k, t, []
-        hashes.extend(h)
+        hashes.extend(h[h != 0].tolist() if not h.all() else h.tolist())
     if hashes:
         yield kind, tier, hashes  # type: ignore[misc]
 

@@ -1,72 +1,92 @@
-"""The parent and local hash of every block the leader just hashed, for KV-event publishers.
+"""The parent and local hash of each block the leader hashes, handed to KV-event publishers.
 
 A router's Stored event names, besides a block's sequence hash, its parent's sequence hash and the
 hash of its own tokens; the event hooks carry only the sequence hash. The leader computes all three
-in :class:`kvbm_core.identity.DynamoSequenceChain` when it plans a store, so while a publisher runs
-the chain hands them to :data:`PENDING` (its ``lineage_sink``), on the leader's thread, just before
-the store. The publisher reads them when the store's ``kvbm_blocks_stored`` arrives and keeps them as
-long as a tier holds the block.
+in :class:`kvbm_core.identity.DynamoSequenceChain` when it plans a store. While a publisher runs, the
+chain's ``lineage_sink`` appends each hashing call's arrays, as they are, to the publisher's
+:class:`PendingLineage` (one deque append on the leader's thread, whatever the number of blocks).
+The publisher's thread indexes them (:meth:`PendingLineage.get`) when the store's
+``kvbm_blocks_stored`` reaches it, and keeps what a tier holds.
 
-Entries are never consumed (two publishers may want the same block): :data:`PENDING` keeps two
-generations of at most ``capacity`` blocks each and forgets the older one when the newer fills, so
-its memory is bounded (two generations of 32k blocks: a few MB) while a block hashed for a store is
-remembered through tens of thousands of later blocks, far longer than a store takes.
+Memory is bounded on both sides: at most :data:`MAX_BATCHES` calls wait to be indexed (older ones
+are forgotten: their blocks are then counted as unannounced, never guessed), and the index keeps two
+generations of at most ``capacity`` blocks, forgetting the older one when the newer fills.
 """
 
 from __future__ import annotations
 
 import threading
 from array import array
+from collections import deque
+from collections.abc import Callable
 
 from kvbm_core.cluster.router_events import Lineage
 from kvbm_core.identity import DynamoSequenceChain
 
 DEFAULT_CAPACITY = 1 << 15
+MAX_BATCHES = 1 << 14
 
 
 class PendingLineage:
-    """``sequence hash -> (parent, local hash)`` of recently hashed blocks (see the module docstring)."""
+    """One publisher's view of what the leader hashed recently (see the module docstring)."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self.capacity = capacity
+        self._batches: deque[tuple[int | None, array, list[int]]] = deque(maxlen=MAX_BATCHES)
         self._current: dict[int, Lineage] = {}
         self._previous: dict[int, Lineage] = {}
 
     def record(self, parent: int | None, hashes: array, local_hashes: list[int]) -> None:
-        """The chain's sink: ``hashes[i]``'s parent is ``hashes[i-1]`` (``parent`` for the first)."""
-        if not hashes:
-            return
-        parents: list[int | None] = [parent]
-        parents.extend(hashes[:-1])
-        current = self._current
-        current.update(zip(hashes, zip(parents, local_hashes)))
-        if len(current) >= self.capacity:
-            self._previous, self._current = current, {}
+        """The chain's sink (leader thread): ``hashes[i]``'s parent is ``hashes[i-1]``, ``parent`` for the first."""
+        self._batches.append((parent, hashes, local_hashes))
+
+    def absorb(self) -> None:
+        """Index what the leader recorded since the last call (publisher thread)."""
+        batches = self._batches
+        while batches:
+            parent, hashes, local_hashes = batches.popleft()
+            parents: list[int | None] = [parent]
+            parents.extend(hashes[:-1])
+            current = self._current
+            current.update(zip(hashes, zip(parents, local_hashes)))
+            if len(current) >= self.capacity:
+                self._previous, self._current = current, {}
 
     def get(self, sequence_hash: int) -> Lineage | None:
+        """``(parent, local hash)`` of a block indexed by :meth:`absorb`, if still remembered."""
         return self._current.get(sequence_hash) or self._previous.get(sequence_hash)
 
 
-PENDING = PendingLineage()
-"""The process-wide table the sequence chains feed while a publisher is attached."""
-
-_attached = 0
+_attached: list[PendingLineage] = []
 _lock = threading.Lock()
 
 
 def attach() -> PendingLineage:
-    """Start feeding :data:`PENDING` from every sequence chain (one call per publisher)."""
-    global _attached
+    """A new :class:`PendingLineage` that every sequence chain feeds from now on (one per publisher)."""
+    pending = PendingLineage()
     with _lock:
-        _attached += 1
-        DynamoSequenceChain.lineage_sink = PENDING.record
-    return PENDING
+        _attached.append(pending)
+        DynamoSequenceChain.lineage_sink = _sink()
+    return pending
 
 
-def detach() -> None:
-    """One publisher less; the last one stops the feed (the chains then record nothing)."""
-    global _attached
+def detach(pending: PendingLineage) -> None:
+    """Stop feeding ``pending``; with none left the chains record nothing."""
     with _lock:
-        _attached = max(0, _attached - 1)
-        if _attached == 0:
-            DynamoSequenceChain.lineage_sink = None
+        if pending in _attached:
+            _attached.remove(pending)
+        DynamoSequenceChain.lineage_sink = _sink()
+
+
+def _sink() -> Callable[[int | None, array, list[int]], None] | None:
+    if not _attached:
+        return None
+    if len(_attached) == 1:
+        return _attached[0].record
+    targets = tuple(p.record for p in _attached)
+
+    def fan_out(parent: int | None, hashes: array, local_hashes: list[int]) -> None:
+        for record in targets:
+            record(parent, hashes, local_hashes)
+
+    return fan_out

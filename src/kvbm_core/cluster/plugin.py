@@ -45,6 +45,7 @@ class ClusterServices:
     pipeline: Any
     worker_id: int
     publisher: KvEventPublisher | None = None
+    lineage: lineage.PendingLineage | None = None
     registration: InstanceRegistration | None = None
     collector: KvEventsCollector | None = None
     exporter: Any = None
@@ -54,7 +55,8 @@ class ClusterServices:
             self.exporter.metrics.registry.unregister(self.collector)
         if self.publisher is not None:
             self.publisher.close()
-            lineage.detach()
+        if self.lineage is not None:
+            lineage.detach(self.lineage)
         if self.registration is not None:
             self.registration.close()
 
@@ -85,14 +87,15 @@ def start_services(pipeline: Any) -> ClusterServices | None:
         exporter = None
     if wants_events:
         assert nats is not None
-        publisher = KvEventPublisher(nats, worker_id, {t.kind: t.level for t in pipeline.tiers}, lineage.attach())
+        pending = lineage.attach()
+        publisher = KvEventPublisher(nats, worker_id, {t.kind: t.level for t in pipeline.tiers}, pending)
         try:
             publisher.start()
         except KvbmError as exc:  # the client library is missing: serve without events
-            lineage.detach()
+            lineage.detach(pending)
             log.error("kv events disabled, serving continues", error=str(exc))
         else:
-            services.publisher = publisher
+            services.publisher, services.lineage = publisher, pending
             if exporter is not None:
                 services.collector, services.exporter = KvEventsCollector(publisher), exporter
                 exporter.metrics.registry.register(services.collector)
