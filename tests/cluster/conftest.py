@@ -129,12 +129,15 @@ class Engine:
         return self.executor.scheduler._manager
 
     def leader_view(self) -> dict[str, set[int]]:
-        """The sequence hashes each tier holds readable, from the leader's own slot states."""
+        """The sequence hashes each tier holds readable (tiers holding none left out), from the
+        leader's own slot states; blocks of unknown tokens (hash 0) are not counted."""
         view = {}
         for tier in (self.manager.host, self.manager.disk):
             if tier is not None:
                 held = np.isin(tier.state, [int(s) for s in MATCHABLE])
-                view[STORAGE_TIER[tier.kind]] = {h for h in tier.seq[held].tolist() if h}
+                hashes = {h for h in tier.seq[held].tolist() if h}
+                if hashes:
+                    view[STORAGE_TIER[tier.kind]] = hashes
         return view
 
     @property

@@ -110,3 +110,21 @@ def test_event_counts_are_served_with_the_metrics(nats_server, subscriber, engin
     assert series["kvbm_kv_events_published_total"] == engine.publisher.counts.published_events > 0
     assert series["kvbm_kv_events_dropped_blocks_total"] == 0
     assert series["kvbm_kv_events_connected"] == 1
+
+
+def test_blocks_recovered_from_disk_are_not_announced(nats_server, subscriber, engines):
+    """A restarted disk tier serves its previous run's blocks, whose tokens (so router hashes) it
+    does not know: the leader holds them with sequence hash 0 and no event names them."""
+    first = engines(cluster_profile(CPU_DISK, nats_server.url, worker_id=14), env=NO_FILTER)
+    first.run(conversations(users=2, turns=2))
+    assert first.leader_view()["disk"]
+    first.close()
+    sub = subscriber()
+    second = engines(cluster_profile(CPU_DISK, nats_server.url, worker_id=15), env=NO_FILTER)
+    recovered = second.manager.disk
+    assert (recovered.seq[recovered.state > 0] == 0).sum() > 0, "the second engine recovered blocks"
+    sub.ask_resync()
+    second.run(conversations(users=1, turns=1, seed=5))  # new blocks: their events follow the resync's
+    wait_for(converged(second, sub.index, 15), what="the index to hold the new blocks")
+    assert sub.index.counts["cleared"] >= 1 and sub.index.held(15)["host_pinned"]
+    assert 0 not in sub.index.blocks(15)

@@ -35,7 +35,7 @@ def test_record_while_serving_revoked_at_close(etcd_server, nats_server, engines
         record = json.loads(value)
         assert record["worker_id"] == 0xABC and record["pid"] == os.getpid()
         assert record["tiers"] == [{"kind": "cpu", "level": "host", "storage_tier": "host_pinned", "num_slots": 32,
-                                    "bytes": 32 * engine.manager.layout.bytes_per_block}]
+                                    "kv_bytes": 32 * engine.manager.layout.bytes_per_block}]
         assert record["layout"]["tokens_per_block"] == 16 and record["world_size"] == 1
         assert record["metrics"].endswith(f":{port}/metrics")
         assert record["kv_events"] == {"subject": "kv-events", "servers": [nats_server.url]}

@@ -74,7 +74,7 @@ def read_instances(options: EtcdOptions) -> tuple[list[dict[str, Any]], list[str
 
 
 def _tiers(record: dict[str, Any]) -> str:
-    return ", ".join(f"{t['kind']} {t['bytes'] / 1e9:.3g} GB" for t in record.get("tiers", [])) or "-"
+    return ", ".join(f"{t['kind']} {t['num_slots']} blocks" for t in record.get("tiers", [])) or "-"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ def instance_record(pipeline: Any, worker_id: int, metrics_url: str | None,
             "level": _LEVEL_NAMES.get(level, str(int(level))),
             "storage_tier": router_events.storage_tier(level),
             "num_slots": int(tier.num_slots),
-            "bytes": int(tier.num_slots) * layout.bytes_per_block * world_size,
+            "kv_bytes": int(tier.num_slots) * layout.bytes_per_block * world_size,  # KV it holds, all ranks
         })
     return {
         "format": RECORD_FORMAT,

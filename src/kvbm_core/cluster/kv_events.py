@@ -270,7 +270,8 @@ class KvEventPublisher:
         async def on_disconnected() -> None:
             self.connected = False
             self._resync_wanted = True
-            self._report_down("connection lost")
+            if self._stop is None or not self._stop.is_set():  # not the close of our own connection
+                self._report_down("connection lost")
 
         async def on_reconnected() -> None:
             self._on_connected()
