@@ -66,7 +66,7 @@ def random_worker_id() -> int:
 
 @dataclass
 class PublisherCounts:
-    """What the publisher did; read by :class:`KvEventsCollector` and by ``kvbm cluster``."""
+    """What the publisher did (read by :class:`KvEventsCollector`)."""
 
     published_events: int = 0
     dropped_blocks: int = 0

@@ -41,7 +41,6 @@ class InstanceRegistration:
         self.key = options.prefix + key
         self.value = json.dumps(record, separators=(",", ":")).encode()
         self.ttl_s = options.registration.lease_ttl_s
-        self.registered = False
         self._client: Any = None
         self._lease: Any = None
         self._lost_reported = False
@@ -74,7 +73,6 @@ class InstanceRegistration:
                 self._client, endpoint = await open_client(self.options)
                 self._lease = await asyncio.wait_for(self._client.lease(self.ttl_s), timeout)
                 await asyncio.wait_for(self._client.put(self.key.encode(), self.value, lease=self._lease), timeout)
-                self.registered = True
                 log.info("registered in etcd", endpoint=endpoint, key=self.key, ttl_s=self.ttl_s,
                          again=self._lost_reported)
                 self._lost_reported = False
@@ -85,7 +83,6 @@ class InstanceRegistration:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.registered = False
                 if not self._lost_reported:
                     self._lost_reported = True
                     log.warning("registration lost (etcd unreachable or lease expired); the engine serves on, "
@@ -118,6 +115,5 @@ class InstanceRegistration:
         try:
             if self._lease is not None:
                 await self._lease.revoke()
-                self.registered = False
         finally:
             await self._close_client()
