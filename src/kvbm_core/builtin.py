@@ -4,14 +4,22 @@
   made evictable.
 - ``inproc`` transport: leader and workers of one process talk through memory.
 - ``etcd`` and ``nats`` transports (:mod:`kvbm_core.transports`): discovery and KV events.
-- the Prometheus exporter (:mod:`kvbm_core.metrics`): its event hooks are re-exported here, so
-  that this module is the one plugin object pluggy registers for core.
+- the Prometheus exporter (:mod:`kvbm_core.metrics`) and the cluster services
+  (:mod:`kvbm_core.cluster.plugin`: KV events over NATS, registration in etcd): their event hooks are
+  re-exported here, so that this module is the one plugin object pluggy registers for core (the
+  cluster's functions bind to their hooks by ``specname``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kvbm_core.cluster.plugin import (  # noqa: F401  (hook implementations of the cluster services)
+    cluster_blocks_removed,
+    cluster_blocks_stored,
+    cluster_pipeline_built,
+    cluster_pipeline_closed,
+)
 from kvbm_core.hookspecs import hookimpl
 from kvbm_core.interfaces import EvictionPolicy, Transport
 from kvbm_core.lru import PriorityLruEviction

@@ -22,15 +22,21 @@ fixed bytes in, fixed bytes out, independent of ``PYTHONHASHSEED``.
 Keys travel as ``[n, 2]`` uint64 arrays (see :class:`kvbm_core.ops.StepOps`): the digest's two
 8-byte halves, each read as a little-endian u64.
 
-**DynamoSequenceHash** (Dynamo KVBM's, 64 bits) is only for KV events, so that consumers of
-Dynamo's events see the numbers they expect::
+**DynamoSequenceHash** (64 bits) is only for KV events. It is the hash Dynamo's KV router computes
+from a request's tokens (``compute_block_hash_for_seq`` and ``compute_seq_hash_for_block`` in its
+``kv-router`` crate), so that a router indexes the blocks kvbm announces under the numbers it looks
+up::
 
-    salt_hash  = XXH3-64(json {"salt":..., "lora_name":...} without None fields, seed 0)   ("{}" when both are None)
-    block_hash = XXH3-64(tokens of the block as u32 LE, seed = salt_hash)
-    seq_0      = block_hash_0;   seq_i = XXH3-64(seq_{i-1} u64 LE || block_hash_i u64 LE, seed = salt_hash)
+    seed       = 1337 (+ XXH3-64(lora_name, seed 0)) (+ XXH3-64(salt, seed 1))   (wrapping u64 sums)
+    local_i    = XXH3-64(tokens of block i as u32 LE, seed)      (the router's LocalBlockHash: "tokens_hash")
+    seq_0      = local_0;   seq_i = XXH3-64(seq_{i-1} u64 LE || local_i u64 LE, seed)
 
-TRT-LLM passes neither salt nor LoRA name to Dynamo, so its events hash ``"{}"``; when a request
-carries a cache salt we mix it in as Dynamo's vLLM path does.
+Without salt and LoRA name (TRT-LLM passes neither to Dynamo) this is the router's canonical hash
+exactly: tokens ``[1, 2, 3, 4]`` in blocks of 4 give ``14643705804678351452``. The salt term is how
+newer routers mix a cache namespace into the seed. (Dynamo's own KVBM seeds with a hash of a JSON
+salt instead, and its event consolidator recomputes the router's hashes before publishing.)
+:attr:`DynamoSequenceChain.lineage_sink` lets a KV-event publisher see each new block's parent
+and local hash, which a router's ``Stored`` event carries besides the sequence hash.
 
 Both are computed incrementally per request (:class:`PrefixHasher`, :class:`DynamoSequenceChain`):
 a prompt is hashed once and later steps only hash the blocks that became full.
@@ -43,10 +49,11 @@ import os
 import struct
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import repeat
+from typing import ClassVar
 
 import numpy as np
 import xxhash
@@ -263,16 +270,34 @@ class PrefixHasher:
 
 
 # ------------------------------------------------------------------------------------- dynamo
+ROUTER_SEED = 1337
+"""XXH3 seed of Dynamo's KV router (``XXH3_SEED``) for requests without salt or LoRA name."""
+_U64 = (1 << 64) - 1
+
+
 def dynamo_salt_hash(salt: str | None = None, lora_name: str | None = None) -> int:
-    """Dynamo's ``SaltHash``: XXH3-64 (seed 0) of the compact JSON of the non-None fields."""
-    fields = {k: v for k, v in (("salt", salt), ("lora_name", lora_name)) if v is not None}
-    return xxhash.xxh3_64_intdigest(json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    """The seed of a request's router hashes: :data:`ROUTER_SEED`, plus XXH3-64 of the LoRA name
+    (seed 0) and of the salt (seed 1) when given (empty strings count as absent), wrapping at 2**64."""
+    seed = ROUTER_SEED
+    if lora_name:
+        seed += xxhash.xxh3_64_intdigest(lora_name.encode("utf-8"), 0)
+    if salt:
+        seed += xxhash.xxh3_64_intdigest(salt.encode("utf-8"), 1)
+    return seed & _U64
+
+
+LineageSink = Callable[[int | None, array, list[int]], None]
+"""``sink(parent, sequence_hashes, local_hashes)`` for blocks just hashed, in order: ``parent`` is the
+sequence hash before the first of them (None at the start of a request)."""
 
 
 class DynamoSequenceChain:
     """One request's DynamoSequenceHashes, extended lazily (only KV events need them)."""
 
     __slots__ = ("salt_hash", "tokens_per_block", "hashes")
+
+    lineage_sink: ClassVar[LineageSink | None] = None
+    """Set by a KV-event publisher (process-wide) to learn each new block's parent and local hash."""
 
     def __init__(self, salt_hash: int, tokens_per_block: int) -> None:
         self.salt_hash = salt_hash
@@ -291,12 +316,15 @@ class DynamoSequenceChain:
             seed = self.salt_hash
             blocks = _block_bytes(tokens, self.tokens_per_block, have, num_blocks)
             block_hashes = list(map(xxhash.xxh3_64_intdigest, blocks, repeat(seed)))
-            parent = self.hashes[-1] if have else None
+            parent = first_parent = self.hashes[-1] if have else None
             pack, h64 = struct.Struct("<QQ").pack, xxhash.xxh3_64_intdigest
             out = self.hashes
             for bh in block_hashes:
                 parent = bh if parent is None else h64(pack(parent, bh), seed)
                 out.append(parent)
+            sink = DynamoSequenceChain.lineage_sink
+            if sink is not None:
+                sink(first_parent, out[have:], block_hashes)
         return self.hashes[start:stop].tobytes()
 
 

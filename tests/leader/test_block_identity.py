@@ -152,27 +152,31 @@ def test_numpy_and_list_tokens_agree_and_bad_tokens_raise():
         PrefixHasher(NS.key_space(), [1, 2, 3, 4]).keys(2)
 
 
-def test_dynamo_sequence_hash_matches_a_hand_computed_chain():
+def test_dynamo_sequence_hash_is_the_routers_documented_chain():
+    """Dynamo's KV router: XXH3-64 seed 1337 over each block's u32 LE tokens, chained as
+    XXH3-64(parent u64 LE || local u64 LE, seed 1337); its published test vector included."""
+    assert dynamo_salt_hash() == 1337
+    assert dynamo_sequence_hashes([1, 2, 3, 4], 4).tolist() == [14643705804678351452]
     tokens = list(range(1000, 1000 + 3 * 32 + 5))
-    salt = xxhash.xxh3_64_intdigest(b"{}", seed=0)
-    assert dynamo_salt_hash() == salt
     expected = []
     parent = None
     for i in range(3):
         block = b"".join(t.to_bytes(4, "little") for t in tokens[i * 32 : (i + 1) * 32])
-        bh = xxhash.xxh3_64_intdigest(block, seed=salt)
-        parent = bh if parent is None else xxhash.xxh3_64_intdigest(
-            parent.to_bytes(8, "little") + bh.to_bytes(8, "little"), seed=salt)
+        local = xxhash.xxh3_64_intdigest(block, seed=1337)
+        parent = local if parent is None else xxhash.xxh3_64_intdigest(
+            parent.to_bytes(8, "little") + local.to_bytes(8, "little"), seed=1337)
         expected.append(parent)
     assert dynamo_sequence_hashes(tokens, 32).tolist() == expected
 
 
-def test_dynamo_salt_json_skips_none_and_keeps_field_order():
-    assert dynamo_salt_hash("abc") == xxhash.xxh3_64_intdigest(b'{"salt":"abc"}')
-    assert dynamo_salt_hash(None, "lora1") == xxhash.xxh3_64_intdigest(b'{"lora_name":"lora1"}')
-    assert dynamo_salt_hash("a", "b") == xxhash.xxh3_64_intdigest(b'{"salt":"a","lora_name":"b"}')
-    # serde_json writes non-ASCII as UTF-8, not as \u escapes
-    assert dynamo_salt_hash("\u00e9") == xxhash.xxh3_64_intdigest('{"salt":"\u00e9"}'.encode())
+def test_dynamo_seed_adds_lora_name_and_salt_hashes():
+    lora = xxhash.xxh3_64_intdigest(b"lora1", seed=0)
+    salt = xxhash.xxh3_64_intdigest("\u00e9".encode(), seed=1)
+    assert dynamo_salt_hash(None, "lora1") == (1337 + lora) % 2**64
+    assert dynamo_salt_hash("\u00e9") == (1337 + salt) % 2**64
+    assert dynamo_salt_hash("\u00e9", "lora1") == (1337 + lora + salt) % 2**64
+    assert dynamo_salt_hash("", "") == 1337  # empty strings count as absent, as in the router
+    assert dynamo_sequence_hashes([1, 2, 3, 4], 4, "s").tolist() != [14643705804678351452]
 
 
 def test_dynamo_chain_extends_lazily():

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from kvbm_core import __version__
-from kvbm_core.cli import bench, config, doctor, plugins
+from kvbm_core.cli import bench, cluster, config, doctor, plugins
 from kvbm_core.errors import ConfigError, PluginError
 from kvbm_core.logging import configure
 from kvbm_core.settings.environment import SeedEnvironment
@@ -29,7 +29,7 @@ from kvbm_core.settings.model import LoggingSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
-COMMANDS = (plugins, config, doctor, bench)
+COMMANDS = (plugins, config, doctor, bench, cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,9 @@ every call bounded by ``timeout_s``. Options (``transport_options.etcd``)::
     endpoints: ["http://127.0.0.1:2379"]   # tried in order; the first that answers is used
     timeout_s: 5                           # connect and per-call deadline
     prefix: "kvbm/"                        # every key lives under this prefix
+    registration:                          # the leader's instance record (kvbm_core.cluster.registration)
+      enabled: true
+      lease_ttl_s: 10                      # the record disappears this long after the process dies
 
 TLS and authentication are not supported yet (an ``https://`` endpoint is a configuration error).
 """
@@ -29,12 +32,22 @@ DEFAULT_PORT = 2379
 log = get_logger("kvbm.transport.etcd")
 
 
+class RegistrationOptions(BaseModel):
+    """``transport_options.etcd.registration``: the record of :mod:`kvbm_core.cluster.registration`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    lease_ttl_s: int = Field(default=10, ge=2, le=3600)
+
+
 class EtcdOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     endpoints: list[str] = Field(default_factory=lambda: [f"http://127.0.0.1:{DEFAULT_PORT}"], min_length=1)
     timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     prefix: str = "kvbm/"
+    registration: RegistrationOptions = Field(default_factory=RegistrationOptions)
 
     @field_validator("endpoints")
     @classmethod
@@ -104,14 +117,21 @@ class EtcdTransport(Transport):
     # ------------------------------------------------------------------------------ doctor
     @classmethod
     def diagnose(cls, settings: KvbmSettings) -> list[CheckResult]:
+        """One row per endpoint. The engine starts without etcd (it registers once etcd answers),
+        so an endpoint that does not answer, or refuses a lease, is a warning."""
         options = etcd_options(settings)
         rows = []
         for endpoint in options.endpoints:
+            name = f"etcd {endpoint}"
             try:
                 version = asyncio.run(_probe(endpoint, options.timeout_s))
-                rows.append(CheckResult(f"etcd {endpoint}", "pass", f"reachable, etcd {version}"))
             except Exception as exc:
-                rows.append(CheckResult(f"etcd {endpoint}", "fail", f"unreachable: {reason(exc)}"))
+                rows.append(CheckResult(name, "warn", f"unreachable: {reason(exc)}; the engine serves without its "
+                                                      "registration until etcd answers"))
+                continue
+            use = ("a lease was granted and revoked (instance registration works)"
+                   if options.registration.enabled else "registration is off (transport_options.etcd.registration)")
+            rows.append(CheckResult(name, "pass", f"reachable, etcd {version}; {use}"))
         return rows
 
     # ---------------------------------------------------------------------------- internals
@@ -125,14 +145,19 @@ class EtcdTransport(Transport):
             raise TransportError("etcd", self.endpoint, f"{what} failed: {reason(exc)}") from exc
 
     async def _connect(self) -> tuple[Any, str]:
-        failures = []
-        for endpoint in self.options.endpoints:
-            try:
-                client, _ = await _open(endpoint, self.options.timeout_s)
-                return client, endpoint
-            except Exception as exc:
-                failures.append(f"{endpoint}: {reason(exc)}")
-        raise TransportError("etcd", ", ".join(self.options.endpoints), "no endpoint answered (" + "; ".join(failures) + ")")
+        return await open_client(self.options)
+
+
+async def open_client(options: EtcdOptions) -> tuple[Any, str]:
+    """A connected client on the first endpoint that answers, and that endpoint."""
+    failures = []
+    for endpoint in options.endpoints:
+        try:
+            client, _ = await _open(endpoint, options.timeout_s)
+            return client, endpoint
+        except Exception as exc:
+            failures.append(f"{endpoint}: {reason(exc)}")
+    raise TransportError("etcd", ", ".join(options.endpoints), "no endpoint answered (" + "; ".join(failures) + ")")
 
 
 async def _open(endpoint: str, timeout_s: float) -> tuple[Any, str]:
@@ -153,6 +178,11 @@ async def _open(endpoint: str, timeout_s: float) -> tuple[Any, str]:
 
 
 async def _probe(endpoint: str, timeout_s: float) -> str:
+    """The server's version, once it granted a lease of 2 s and revoked it (what registration needs)."""
     client, version = await _open(endpoint, timeout_s)
-    await client.close()
+    try:
+        lease = await asyncio.wait_for(client.lease(2), timeout_s)
+        await asyncio.wait_for(lease.revoke(), timeout_s)
+    finally:
+        await client.close()
     return version

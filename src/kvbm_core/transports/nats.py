@@ -6,6 +6,14 @@ short and hand work off. Options (``transport_options.nats``)::
 
     servers: ["nats://127.0.0.1:4222"]     # the client picks one and fails over to the others
     timeout_s: 5                           # connect and per-call deadline
+    kv_events:                             # the leader's KV-event publisher (kvbm_core.cluster)
+      enabled: true
+      subject: kv-events                   # Dynamo's KV_EVENT_SUBJECT; resync requests: <subject>.resync
+      worker_id: null                      # the router's worker id; null: a random one per start
+      queue_size: 10000                    # hook calls waiting for the publisher thread; more are dropped
+      flush_interval_s: 0.05               # how often queued events are published (Dynamo: 50 ms)
+      resync_interval_s: 60                # every held block re-announced this often; 0: only on demand
+      max_blocks_per_event: 4096           # larger batches are split (a NATS message is at most 1 MB)
 
 TLS and credentials are not supported yet (a ``tls://`` server is a configuration error).
 """
@@ -27,10 +35,26 @@ from kvbm_core.transports.loop import BackgroundLoop
 from kvbm_core.transports.options import parse_options, reason, split_address
 
 DEFAULT_PORT = 4222
+SUBJECT_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+"""A NATS subject to publish on: dot-separated tokens, no wildcards or spaces."""
 log = get_logger("kvbm.transport.nats")
 
 MessageHandler = Callable[[str, bytes], None]
 """Called with ``(subject, payload)`` for each message, on the transport's loop thread."""
+
+
+class KvEventOptions(BaseModel):
+    """``transport_options.nats.kv_events``: the publisher of :mod:`kvbm_core.cluster.kv_events`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    subject: str = Field(default="kv-events", pattern=SUBJECT_PATTERN)
+    worker_id: int | None = Field(default=None, ge=0, le=2**64 - 1)
+    queue_size: int = Field(default=10_000, ge=1, le=10_000_000)
+    flush_interval_s: float = Field(default=0.05, gt=0, le=10, allow_inf_nan=False)
+    resync_interval_s: float = Field(default=60.0, ge=0, le=86_400, allow_inf_nan=False)
+    max_blocks_per_event: int = Field(default=4096, ge=1, le=10_000)
 
 
 class NatsOptions(BaseModel):
@@ -38,6 +62,7 @@ class NatsOptions(BaseModel):
 
     servers: list[str] = Field(default_factory=lambda: [f"nats://127.0.0.1:{DEFAULT_PORT}"], min_length=1)
     timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    kv_events: KvEventOptions = Field(default_factory=KvEventOptions)
 
     @field_validator("servers")
     @classmethod
@@ -134,15 +159,23 @@ class NatsTransport(Transport):
     # ------------------------------------------------------------------------------ doctor
     @classmethod
     def diagnose(cls, settings: KvbmSettings) -> list[CheckResult]:
+        """One row per server. The engine starts without NATS (its KV events begin once a server
+        answers), so a server that does not answer, or loses a message, is a warning."""
         options = nats_options(settings)
         rows = []
         for server in options.servers:
-            single = NatsOptions(servers=[server], timeout_s=options.timeout_s)
+            name = f"nats {server}"
             try:
-                version = asyncio.run(_probe(single))
-                rows.append(CheckResult(f"nats {server}", "pass", f"reachable, nats-server {version}"))
+                version, max_payload = asyncio.run(_probe(options.model_copy(update={"servers": [server]})))
             except Exception as exc:
-                rows.append(CheckResult(f"nats {server}", "fail", f"unreachable: {reason(exc)}"))
+                rows.append(CheckResult(name, "warn", f"unreachable: {reason(exc)}; the engine serves without KV "
+                                                      "events until a server answers"))
+                continue
+            events = options.kv_events
+            use = (f"KV events on {events.subject!r}" if events.enabled
+                   else "KV events are off (transport_options.nats.kv_events)")
+            rows.append(CheckResult(name, "pass", f"reachable, nats-server {version}; a message made the round "
+                                                  f"trip (max payload {max_payload} bytes); {use}"))
         return rows
 
     # ---------------------------------------------------------------------------- internals
@@ -158,16 +191,22 @@ class NatsTransport(Transport):
             raise TransportError("nats", self.server, f"{what} failed: {reason(exc)}") from exc
 
 
+def import_client(options: NatsOptions) -> Any:
+    """The nats-py module, imported on first use: only clusters that select the transport need it."""
+    try:
+        import nats
+    except ImportError:
+        raise TransportError("nats", ", ".join(options.servers), "the nats-py package is not installed (pip install 'kvbm-core[cluster]')") from None
+    return nats
+
+
 async def _connect(options: NatsOptions, errors: list[str], long_lived: bool) -> Any:
     """Connect, recording each connection error in ``errors``. A long-lived connection keeps
     reconnecting forever; a probe tries each server twice and gives up.
 
     nats-py retries the first connect as long as it would reconnect, so the caller bounds the wait.
     """
-    try:
-        import nats  # imported here: only clusters that select the transport need the client
-    except ImportError:
-        raise TransportError("nats", ", ".join(options.servers), "the nats-py package is not installed (pip install 'kvbm-core[cluster]')") from None
+    nats = import_client(options)
 
     async def on_error(exc: Exception) -> None:
         errors.append(reason(exc))
@@ -185,14 +224,23 @@ async def _connect(options: NatsOptions, errors: list[str], long_lived: bool) ->
     )
 
 
-async def _probe(options: NatsOptions) -> str:
+async def _probe(options: NatsOptions) -> tuple[str, int]:
+    """The server's version and max payload, once a message published on a private inbox subject
+    came back through a subscription (nothing is published on the KV-event subject)."""
     errors: list[str] = []
     try:
         nc = await asyncio.wait_for(_connect(options, errors, long_lived=False), options.timeout_s)
     except Exception as exc:
         raise ConnectionError(errors[-1] if errors else reason(exc)) from exc
     try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(inbox, b"kvbm doctor")
+        try:
+            await sub.next_msg(timeout=options.timeout_s)
+        except Exception as exc:
+            raise ConnectionError(f"a message published on {inbox} did not come back") from exc
         v = nc.connected_server_version
-        return f"{v.major}.{v.minor}.{v.patch}"
+        return f"{v.major}.{v.minor}.{v.patch}", nc.max_payload
     finally:
         await nc.close()
