@@ -121,9 +121,10 @@ def test_doctor_checks_cluster_servers(run_kvbm, tmp_path, cluster_servers):
     cluster_servers.nats.stop()
     down = run_kvbm("doctor", "--json", "--profile", str(profile))
     checks = {c["name"]: c["status"] for c in json.loads(down.stdout)["checks"]}
-    assert checks[f"etcd {cluster_servers.etcd.url}"] == "fail"
-    assert checks[f"nats {cluster_servers.nats.url}"] == "fail"
-    assert down.returncode == 1
+    # the engine serves without them (events and registration wait for the servers): a warning
+    assert checks[f"etcd {cluster_servers.etcd.url}"] == "warn"
+    assert checks[f"nats {cluster_servers.nats.url}"] == "warn"
+    assert down.returncode == (1 if "fail" in checks.values() else 0)
 
 
 # ------------------------------------------------------------------------- checks in-process

@@ -3,8 +3,9 @@
 Built from what ``kvbm_pipeline_built`` hands its subscribers (settings, tiers as sized, layout,
 world size) plus the worker id its KV events carry, where its metrics are served and where its KV
 events go. ``model`` and ``namespace`` (the digest every block key and disk record of this instance
-is namespaced by: :class:`kvbm_core.identity.Namespace`) are filled in when the pipeline names its
-model (``pipeline.model_id``); otherwise they are ``null`` and ``layout`` still says what the KV is.
+is namespaced by, weights fingerprint included: :class:`kvbm_core.identity.Namespace`) come from the
+pipeline (``pipeline.model_id``, ``pipeline.namespace``); where it has none they are ``null`` and
+``layout`` still says what the KV is.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 
 from kvbm_core import __version__
 from kvbm_core.cluster import router_events
-from kvbm_core.identity import Namespace
 from kvbm_core.interfaces import TierLevel
 
 RECORD_FORMAT = 1
@@ -40,8 +40,8 @@ def instance_record(pipeline: Any, worker_id: int, metrics_url: str | None,
                     kv_events: Mapping[str, Any] | None) -> dict[str, Any]:
     layout = pipeline.layout
     world_size = int(pipeline.world_size)
-    model = getattr(pipeline, "model_id", None)
-    namespace = None if model is None else Namespace.from_layout(layout, str(model), world_size).digest.hex()
+    model = getattr(pipeline, "model_id", None) or None
+    namespace = getattr(pipeline, "namespace", b"").hex() or None
     tiers = []
     for tier in pipeline.tiers:
         level = TierLevel(tier.level)

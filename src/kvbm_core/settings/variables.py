@@ -17,7 +17,8 @@ from kvbm_core.settings.environment import PREFIX, seed_variables
 
 _NO_ZMQ = "kvbm uses no ZMQ: leader and workers talk through its transports (profile key 'transports')"
 _BATCHING = "kvbm's transfer engine issues each step's copies as a few batched operations of its own"
-_EVENTS = "kvbm has no KV-event consolidator: KV events are a plugin of its event hooks (README, 'Writing a plugin')"
+_EVENTS = ("kvbm has no KV-event consolidator: it publishes its own tiers' KV events over NATS when a profile "
+           "lists the 'nats' transport (README, 'Cluster')")
 _PINNED = "kvbm allocates pinned host memory through torch, without write-combined or NUMA options"
 _NCCL = "kvbm has no replicated (NCCL) mode: every TP rank stores its own shard"
 _GONE = "no longer read by Dynamo either"

@@ -94,6 +94,8 @@ class PipelineInfo:
     tiers: tuple[TierAllocation, ...]
     layout: BlockLayout
     world_size: int
+    model_id: str = ""
+    namespace: bytes = b""  # the digest every stored block is namespaced by (WorkerConfig.namespace)
 
 
 def _mapping(llm_args: Any) -> Any:
@@ -237,7 +239,8 @@ class KvbmConnectorLeader(KvCacheConnectorScheduler):
                 engine_capacity=_capacity(self._llm_args),
             )
             config = self._manager.worker_config
-            self._pipeline = PipelineInfo(self._resolved.settings, config.tiers, layout, self._world_size)
+            self._pipeline = PipelineInfo(self._resolved.settings, config.tiers, layout, self._world_size,
+                                          _model_id(self._llm_args), config.namespace)
             self._registry.notify("kvbm_pipeline_built", pipeline=self._pipeline)
             self._ready.set()
             log.info(
