@@ -139,7 +139,7 @@ def test_blocks_are_held_only_where_the_engine_writes_them_outside_the_forward_p
     start_load_kv could order them after kvbm's stores: only then are finished requests held."""
     from types import SimpleNamespace
 
-    from kvbm_core.trtllm.connector import _pins_finished_requests
+    from kvbm_core.trtllm.engine_args import pins_finished_requests as _pins_finished_requests
 
     assert not _pins_finished_requests(llm_args())
     assert _pins_finished_requests(llm_args(enable_partial_reuse=True))

@@ -607,18 +607,21 @@ def test_a_cached_report_without_a_first_report_is_never_stored(make_bm):
 
 
 # --------------------------------------------------------------------------- a host tier that grows
-def test_a_growing_host_tier_is_used_only_as_far_as_every_rank_has_it(make_bm):
+def test_a_growing_host_tier_is_used_only_as_far_as_the_ranks_that_reported_have_it(make_bm):
     bm = make_bm(make_settings(8), world_size=2, host_grows=True)
     prompt = prompt_of(4 * 3 + 1)
     _, ops = run_prefill(bm, 1, prompt, [0, 1, 2, 3], apply=False)
     assert not ops.select(STORES)  # no rank reported its tier usable yet: nothing is stored
-    bm.tier_ready(0, "cpu", 8)
-    bm.tier_ready(1, "cpu", 2)
-    bm.tier_ready(1, "cpu", 1)  # a late, smaller report never shrinks what a rank has
+    bm.tier_ready(0, "cpu", 2)
+    assert bm.host.usable == 2  # rank 1 not heard from yet: it does not hold rank 0 back
+    bm.tier_ready(1, "cpu", 1)  # a rank behind the others: never shrinks (its refusals are dropped)
+    bm.tier_ready(0, "cpu", 1)  # a late, smaller report never shrinks what a rank has
     assert bm.host.usable == 2
     _, ops = run_prefill(bm, 2, prompt_of(4 * 3 + 1, 7000), [4, 5, 6, 7], apply=False)
     (store,) = ops.select(STORES)
     assert store.dst.tolist() == [0, 1] and len(store.src) == 2  # the third block found no usable slot
+    bm.tier_ready(0, "cpu", 8)
+    assert bm.host.usable == 2  # rank 1 still has 1
     bm.tier_ready(1, "cpu", 99)
     assert bm.host.usable == 8
     bm.verify()

@@ -162,7 +162,7 @@ class BlockManager:
         self.tokens_per_block = layout.tokens_per_block
         self.namespace = Namespace.from_layout(layout, model_id, world_size, weights=weights)
         tiers = build_tiers(settings, layout, world_size, registry, clock, host_grows)
-        self._ready: dict[str, list[int]] = {}  # host tier kind -> ready slots reported by each rank
+        self._ready: dict[str, dict[int, int]] = {}  # host tier kind -> rank -> slots it reported usable
         self.host: TierState | None = tiers.host
         self.disk: TierState | None = tiers.disk
         self.plan = tiers.plan
@@ -253,14 +253,17 @@ class BlockManager:
 
     def tier_ready(self, rank: int, kind: str, slots: int) -> None:
         """Rank ``rank``'s ``kind`` tier can use its first ``slots`` slots: the leader uses as many as
-        every rank can (a rank not heard from yet counts as none)."""
+        every rank that reported can. A rank not heard from yet does not hold the others back (ranks
+        in other processes build their tiers at the first step, after it is planned): it allocates
+        the same tier, and an operation on a slot it cannot use yet fails there and is dropped on
+        every rank, never served."""
         tier = self.host
         if tier is None or tier.kind != kind:
             return
-        ready = self._ready.setdefault(kind, [0] * self.world_size)
-        ready[rank] = max(ready[rank], min(int(slots), tier.num_slots))
-        if min(ready) > tier.usable:
-            tier.grow(min(ready))
+        ready = self._ready.setdefault(kind, {})
+        ready[rank] = max(ready.get(rank, 0), min(int(slots), tier.num_slots))
+        if min(ready.values()) > tier.usable:
+            tier.grow(min(ready.values()))
 
     def _disk_in_service(self) -> bool:
         return self.disk_breaker is not None and self.disk_breaker.allows()
