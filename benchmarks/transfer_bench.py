@@ -35,10 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvbm_core.channel import TierAllocation, WorkerConfig
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
-from kvbm_core.ops import Op, Route
+from kvbm_core.ops import Op, Route, TierAllocation, WorkerConfig
 from kvbm_core.registry import default_registry
 from kvbm_core.settings.model import DiskSettings, KvbmSettings, TierSpec
 from kvbm_core.storage import HostMemory

@@ -18,42 +18,12 @@ operations on a slot locally, so a lagging rank never sees a slot reused under i
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
-from kvbm_core.link import LinkAddress
-from kvbm_core.ops import Op, OpResult, StepTiming, TierReady
-from kvbm_core.settings.model import KvbmSettings, TierSpec
-
-
-@dataclass(frozen=True)
-class TierAllocation:
-    """One tier as the leader sized it: which plugin, at which level, how many slots per rank, and
-    its spec when the settings do not list it (the host staging tier of a disk-only pipeline)."""
-
-    kind: str
-    level: TierLevel
-    num_slots: int
-    spec: TierSpec | None = None
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What every worker needs from the leader to allocate identical tiers, and where the leader
-    listens for the ranks in other processes (``None`` with one rank)."""
-
-    settings: KvbmSettings
-    tiers: tuple[TierAllocation, ...]
-    namespace: bytes
-    world_size: int
-    link: LinkAddress | None = None
-
-    def tier_at(self, level: TierLevel) -> TierAllocation | None:
-        return next((t for t in self.tiers if t.level == level), None)
+from kvbm_core.ops import Op, OpResult, StepTiming, TierReady, WorkerConfig
 
 
 class LeaderEndpoint(Protocol):

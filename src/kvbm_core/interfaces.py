@@ -16,8 +16,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from kvbm_core.ops import TierLevel
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,13 +26,6 @@ if TYPE_CHECKING:
 
     from kvbm_core.layout import BlockLayout
     from kvbm_core.settings.model import KvbmSettings, TierSpec
-
-
-class TierLevel(IntEnum):
-    """Where a tier sits below the GPU (G1): host memory (G2) or storage (G3)."""
-
-    HOST = 2
-    DISK = 3
 
 
 @dataclass(frozen=True)

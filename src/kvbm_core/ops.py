@@ -1,4 +1,7 @@
-"""The leader -> worker contract: one step's transfer operations, and the workers' results.
+"""The leader <-> worker contract: tier levels, routes, one step's transfer operations
+(:class:`StepOps`), what the workers report back (:class:`OpResult` with its request id,
+:class:`TierReady`, :class:`StepTiming`), and the configuration the leader hands every worker
+(:class:`WorkerConfig`: settings, :class:`TierAllocation` per tier, namespace, link address).
 
 TRT-LLM pickles the connector metadata and broadcasts it to every rank each step, so a step is a
 handful of flat numpy arrays rather than a list of objects. An operation moves a run of blocks along
@@ -18,9 +21,20 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kvbm_core.link import LinkAddress
+    from kvbm_core.settings.model import KvbmSettings, TierSpec
+
+
+class TierLevel(IntEnum):
+    """Where a tier sits below the GPU (G1): host memory (G2) or storage (G3)."""
+
+    HOST = 2
+    DISK = 3
 
 
 class Route(IntEnum):
@@ -174,3 +188,29 @@ class OpResult:
     error: str = ""
     failed_blocks: tuple[int, ...] = ()
     device_failed: bool = False  # the tier's device or filesystem failed (not one block): see leader.breaker
+
+
+@dataclass(frozen=True)
+class TierAllocation:
+    """One tier as the leader sized it: which plugin, at which level, how many slots per rank, and
+    its spec when the settings do not list it (the host staging tier of a disk-only pipeline)."""
+
+    kind: str
+    level: TierLevel
+    num_slots: int
+    spec: TierSpec | None = None
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker needs from the leader to allocate identical tiers, and where the leader
+    listens for the ranks in other processes (``None`` with one rank)."""
+
+    settings: KvbmSettings
+    tiers: tuple[TierAllocation, ...]
+    namespace: bytes
+    world_size: int
+    link: LinkAddress | None = None
+
+    def tier_at(self, level: TierLevel) -> TierAllocation | None:
+        return next((t for t in self.tiers if t.level == level), None)

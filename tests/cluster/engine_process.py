@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # clusterkit, engine_runs
 
-from conftest import conversations, executor_config  # noqa: E402
+from clusterkit import conversations, executor_config  # noqa: E402
 
 from kvbm_core.testing import ReferenceExecutor  # noqa: E402
 from kvbm_core.trtllm.connector import KvbmConnectorLeader, KvbmConnectorWorker  # noqa: E402

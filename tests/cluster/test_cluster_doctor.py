@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import yaml
-from conftest import cluster_profile
+from clusterkit import cluster_profile
 
 
 def test_doctor_checks_each_server_and_warns_when_one_is_down(run_kvbm, tmp_path, etcd_server, nats_server):

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import cluster_profile, conversations, executor_config, restart, wait_for
+from clusterkit import cluster_profile, conversations, executor_config, restart, wait_for
 
 from kvbm_core.cluster import plugin
 from kvbm_core.errors import TransportError

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import urllib.request
 
-from conftest import cluster_profile, conversations, router_hashes, wait_for
+from clusterkit import cluster_profile, conversations, router_hashes, wait_for
 
 from kvbm_core.testing.request import cache_salt_id
 

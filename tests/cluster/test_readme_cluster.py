@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import cluster_profile, conversations, wait_for
+from clusterkit import cluster_profile, conversations, wait_for
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import cluster_profile, conversations, wait_for
+from clusterkit import cluster_profile, conversations, wait_for
 
 from kvbm_core.settings import KvbmSettings
 from kvbm_core.transports import EtcdTransport

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from array import array
 
-from conftest import router_hashes
+from clusterkit import router_hashes
 
 from kvbm_core.cluster import lineage, router_events
 from kvbm_core.identity import DynamoSequenceChain, dynamo_salt_hash, token_array

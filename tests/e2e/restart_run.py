@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import CONNECTOR, close_connector, conversations, executor_config  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: engine_runs
+from engine_runs import CONNECTOR, close_connector, conversations, executor_config  # noqa: E402
 
 from kvbm_core.testing import ReferenceExecutor, RequestSpec  # noqa: E402
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import conversations, executor_config
+from engine_runs import conversations, executor_config
 
 from kvbm_core.ops import Route
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CONNECTOR, close_connector, conversations, executor_config, write_profile
+from engine_runs import CONNECTOR, close_connector, conversations, executor_config, write_profile
 
 from kvbm_core.errors import ConfigError
 from kvbm_core.ops import StepOps

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONNECTOR, close_connector, conversations, executor_config, settle, write_profile
+from engine_runs import CONNECTOR, close_connector, conversations, executor_config, settle, write_profile
 
 from kvbm_core import hookimpl
 from kvbm_core.leader.breaker import TierBreaker, TierService

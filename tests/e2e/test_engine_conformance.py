@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import executor_config, settle
+from engine_runs import executor_config, settle
 
 from kvbm_core.identity import block_keys
 from kvbm_core.testing import ReferenceExecutor, RequestSpec
@@ -104,7 +104,8 @@ def test_disk_blocks_corrupted_while_serving_are_never_promised(kvbm_run, tmp_pa
     prompts = [rng.integers(1, 250, 100).tolist() for _ in range(3)]
     fillers = [RequestSpec(rng.integers(1, 250, 150).tolist(), 2, arrival_step=i) for i in range(4)]
     first = [RequestSpec(p + [1], 2) for p in prompts]
-    later = fillers + [RequestSpec(p + [2], 2, arrival_step=8) for p in prompts]
+    returning = [RequestSpec(p + [2], 2) for p in prompts]
+    later = fillers + [replace(s, arrival_step=8) for s in returning]
     no_filter = {"DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}
     clean = kvbm_run(first + [replace(s, arrival_step=s.arrival_step + 3) for s in later], tiny_host, env=no_filter)
     clean.assert_same_tokens()
@@ -119,11 +120,14 @@ def test_disk_blocks_corrupted_while_serving_are_never_promised(kvbm_run, tmp_pa
     data[4096 + 1000 :: 4096 * 4] ^= 0x10  # one flipped byte in every record's data
     data.flush()
     del data
-    expected = ReferenceExecutor(executor.config, model=executor.model).run(later).tokens()
-    again = executor.run(later)
+    baseline = ReferenceExecutor(executor.config, model=executor.model)
+    expected = [baseline.run(fillers).tokens(), baseline.run(returning).tokens()]
+    assert executor.run(fillers).tokens() == expected[0]  # they evict the prompts from the device
+    settle(executor)  # and their copies to the tiny host tier and the disk are done: its slots are free
+    again = executor.run(returning)
     settle(executor)
     stats = executor.scheduler.stats
-    assert again.tokens() == expected and not any(r.error for r in again.requests)
+    assert again.tokens() == expected[1] and not any(r.error for r in again.requests)
     assert stats.failed_ops > 0 and stats.staged_blocks_disk2h == 0  # every staging read failed its check
     assert sum(r.connector_tokens for r in again.requests) == 0  # nothing from the disk was promised
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import conversations, executor_config
+from engine_runs import conversations, executor_config
 
 import kvbm_core.registry
 from kvbm_core.hookspecs import hookimpl

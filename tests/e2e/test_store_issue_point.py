@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import conversations, executor_config
+from engine_runs import conversations, executor_config
 
 from kvbm_core.trtllm.connector import KvbmConnectorLeader, KvbmConnectorWorker
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from kvbm_core import summary
-from kvbm_core.channel import TierAllocation
 from kvbm_core.interfaces import TierLevel
+from kvbm_core.ops import TierAllocation
 from kvbm_core.registry import Registry
 from kvbm_core.settings import KvbmSettings
 

@@ -15,9 +15,9 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvbm_core import metrics
-from kvbm_core.channel import TierAllocation
 from kvbm_core.errors import ConfigError
 from kvbm_core.interfaces import TierLevel
+from kvbm_core.ops import TierAllocation
 from kvbm_core.registry import Registry
 from kvbm_core.settings import KvbmSettings
 

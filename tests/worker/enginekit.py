@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvbm_core.channel import TierAllocation, WorkerConfig
 from kvbm_core.interfaces import StorageTier, TierLevel
 from kvbm_core.layout import BlockLayout
-from kvbm_core.ops import BACKGROUND, LOADS, STAGING, STORES, Op, OpResult, Route, StepOps
+from kvbm_core.ops import BACKGROUND, LOADS, STAGING, STORES, Op, OpResult, Route, StepOps, TierAllocation, WorkerConfig
 from kvbm_core.registry import default_registry
 from kvbm_core.settings.model import DiskSettings, KvbmSettings, TierSpec
 from kvbm_core.worker import TransferEngine, build_tiers

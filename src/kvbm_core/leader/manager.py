@@ -74,7 +74,6 @@ from typing import Protocol
 import numpy as np
 import structlog
 
-from kvbm_core.channel import WorkerConfig
 from kvbm_core.errors import KvbmError
 from kvbm_core.identity import KeySpace, Namespace, RequestScope, dynamo_salt_hash, keys_array
 from kvbm_core.layout import BlockLayout
@@ -89,14 +88,14 @@ from kvbm_core.leader.stats import LeaderStats, StatsBook
 from kvbm_core.leader.tier_state import ABSENT, DEFAULT_PRIORITY, TierState
 from kvbm_core.leader.tiers import build_tiers
 from kvbm_core.link import LinkAddress
-from kvbm_core.ops import DISK_ROUTES, LOADS, NO_REQUEST, STAGING, STORES, Op, OpResult, Route, StepOps
+from kvbm_core.ops import DISK_ROUTES, LOADS, NO_REQUEST, STAGING, STORES, Op, OpResult, Route, StepOps, WorkerConfig
 from kvbm_core.registry import Registry
 from kvbm_core.settings.model import KvbmSettings
 
 log = structlog.get_logger("kvbm.leader")
 
-HOST, DISK, MISS = 0, 1, -1
-"""Codes of where a matched block loads from (index into ``BlockManager._tiers``)."""
+IN_HOST, IN_DISK, IN_NEITHER = 0, 1, -1
+"""Where a matched block loads from, as an index into ``BlockManager._tiers`` (not a TierLevel)."""
 
 MAX_SCOPES_CACHED = 4096
 """Request scopes (salt, adapter) whose key space is kept built; the cache starts over past this."""
@@ -295,30 +294,30 @@ class BlockManager:
         else:
             slots, in_host = np.full(n, ABSENT, np.int64), np.zeros(n, bool)
         if in_host.all():  # the common case of a host hit: one tier, no per-block choice
-            k = self._cost.best_run(n, self._kinds[HOST], start)
+            k = self._cost.best_run(n, self._kinds[IN_HOST], start)
             if k == 0:
-                self._declined(req, {self._kinds[HOST]: n})
+                self._declined(req, {self._kinds[IN_HOST]: n})
                 return NO_MATCH
             return self._promise(req, keys[:k], slots[:k], 0)
-        codes = np.full(n, MISS, np.int8)
-        codes[in_host] = HOST
+        codes = np.full(n, IN_NEITHER, np.int8)
+        codes[in_host] = IN_HOST
         if disk is not None:
             rest = np.flatnonzero(~in_host)
             found = disk.lookup(keys[rest])
             ok = disk.matchable(found)
-            codes[rest[ok]] = DISK
+            codes[rest[ok]] = IN_DISK
             slots[rest[ok]] = found[ok]
-        misses = np.flatnonzero(codes == MISS)
+        misses = np.flatnonzero(codes == IN_NEITHER)
         run = int(misses[0]) if len(misses) else n
         k = self._cost.best_prefix(codes[:run], self._kinds, start)
         if k < run:
             dropped = codes[k:run]
-            self._declined(req, {kind: int(np.count_nonzero(dropped == code))
-                                 for code, kind in ((HOST, self._kinds[HOST]), (DISK, self._kinds[DISK]))})
+            self._declined(req, {self._kinds[code]: int(np.count_nonzero(dropped == code))
+                                 for code in (IN_HOST, IN_DISK)})
         if k == 0:
             return NO_MATCH
         codes, slots, keys = codes[:k], slots[:k].copy(), keys[:k]
-        from_host = codes == HOST
+        from_host = codes == IN_HOST
         host.hold(slots[from_host])  # before staging picks victims: the run's host blocks stay put
         k, staged = self._stage(req, keys, codes, slots)
         if k < len(slots):
@@ -356,7 +355,7 @@ class BlockManager:
         and how many of those were staged."""
         host, disk = self.host, self.disk
         assert host is not None
-        on_disk = np.flatnonzero(codes == DISK)
+        on_disk = np.flatnonzero(codes == IN_DISK)
         if not len(on_disk):
             return len(slots), 0
         if disk is None or self._stager is None or not self._stager.ready():

@@ -24,13 +24,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvbm_core.channel import TierAllocation
 from kvbm_core.errors import ConfigError
 from kvbm_core.interfaces import TierLevel
 from kvbm_core.layout import BlockLayout
 from kvbm_core.leader.disk_offload import CheckedAdmission
 from kvbm_core.leader.tier_state import TierState
 from kvbm_core.lru import PriorityLruEviction
+from kvbm_core.ops import TierAllocation
 from kvbm_core.registry import Registry
 from kvbm_core.settings.model import KvbmSettings, TierSpec
 from kvbm_core.settings.pipeline import PipelinePlan, plan_pipeline

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import structlog
 
-from kvbm_core.channel import LocalChannel, TierAllocation, WorkerConfig, channel_for, release_channel
+from kvbm_core.channel import LocalChannel, channel_for, release_channel
 from kvbm_core.errors import ConfigError
 from kvbm_core.fingerprint import Fingerprint, fingerprint_weights
 from kvbm_core.layout import BlockLayout
 from kvbm_core.leader import BlockManager, LeaderStats
 from kvbm_core.link import LeaderLink, LinkError
-from kvbm_core.ops import Op, OpResult, StepOps
+from kvbm_core.ops import Op, OpResult, StepOps, TierAllocation, WorkerConfig
 from kvbm_core.registry import default_registry
 from kvbm_core.settings import KvbmSettings, resolve_settings
 from kvbm_core.storage import RecoveryReport

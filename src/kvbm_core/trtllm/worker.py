@@ -14,12 +14,12 @@ from typing import Union
 import structlog
 import torch
 
-from kvbm_core.channel import WorkerConfig, channel_for
+from kvbm_core.channel import channel_for
 from kvbm_core.errors import KvbmLoadError
 from kvbm_core.interfaces import StorageTier, TierLevel
 from kvbm_core.layout import BlockLayout
 from kvbm_core.link import WorkerLink
-from kvbm_core.ops import BACKGROUND, LOADS, STORES, Op, OpResult, StepOps, StepTiming, TierReady
+from kvbm_core.ops import BACKGROUND, LOADS, STORES, Op, OpResult, StepOps, StepTiming, TierReady, WorkerConfig
 from kvbm_core.registry import default_registry
 from kvbm_core.storage import BlockFileStorage
 from kvbm_core.trtllm import KvCacheConnectorWorker, engine_args

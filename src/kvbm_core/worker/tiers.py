@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from kvbm_core.channel import WorkerConfig
 from kvbm_core.errors import ConfigError
 from kvbm_core.interfaces import StorageTier, TierContext, TierLevel
 from kvbm_core.layout import BlockLayout
+from kvbm_core.ops import WorkerConfig
 from kvbm_core.registry import Registry
 
 
